@@ -33,14 +33,10 @@ class ModelConfig:
         from .errors import ConfigError
 
         if self.decoder_channels < 1:
-            raise ConfigError(
-                f"model.decoder_channels must be >= 1, got {self.decoder_channels}"
-            )
+            raise ConfigError(f"model.decoder_channels must be >= 1, got {self.decoder_channels}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
         for key in ("class_names", "stain_names", "deposit_labels"):
             names = getattr(self, key)
             if len(names) < 2 or len(set(names)) != len(names):
-                raise ConfigError(
-                    f"model.{key} must hold at least two distinct names, got {names}"
-                )
+                raise ConfigError(f"model.{key} must hold at least two distinct names, got {names}")

@@ -1,0 +1,159 @@
+"""CalcinosisNet: one encoder, a light deposit decoder and two pooled heads.
+
+The shape follows segmentation_models_pytorch: a timm ``features_only``
+backbone feeds (a) a small FPN-style decoder that paints the per-pixel deposit
+map and (b) pooled heads on the deepest features for the diagnosis and the
+stain. Everything here is plain ``nn.Module`` code built from ops that trace
+cleanly to ONNX (convolutions, global average pooling, ``interpolate``), so the
+same network serves training, bf16 inference and export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+#: ImageNet statistics: what almost every timm backbone was trained with, and
+#: the fallback when a backbone carries no pretrained config.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: The decoder starts at stride 4. A 3x3 convolution at stride 2 would cost a
+#: quarter of a resnet18 forward pass; at stride 4 it is a few per cent, and
+#: deposits are far larger than four pixels at 0.5 um/px.
+FINEST_DECODER_STRIDE = 4
+
+
+class PooledHead(nn.Sequential):
+    """Global average pool -> dropout -> linear: the class and stain heads."""
+
+    def __init__(self, in_channels: int, num_outputs: int, drop_rate: float) -> None:
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
+            nn.Dropout(drop_rate),
+            nn.Linear(in_channels, num_outputs),
+        )
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                padding=kernel_size // 2,
+                bias=False,
+            ),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DepositDecoder(nn.Module):
+    """A light FPN: 1x1 laterals, top-down nearest upsampling with additions,
+    then one 3x3 conv on the finest merged level.
+
+    Upsampling goes to the lateral's exact size rather than by a factor of 2,
+    so inputs whose sides are not multiples of 32 still line up.
+    """
+
+    def __init__(self, in_channels: list[int], channels: int) -> None:
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.fuse = ConvBNReLU(channels, channels, 3)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        # features run from fine to coarse; walk them coarse to fine.
+        out = self.laterals[-1](features[-1])
+        for lateral, feature in zip(
+            reversed(self.laterals[:-1]), reversed(features[:-1]), strict=True
+        ):
+            skip = lateral(feature)
+            out = skip + F.interpolate(out, size=skip.shape[-2:], mode="nearest")
+        return self.fuse(out)
+
+
+class CalcinosisNet(nn.Module):
+    """Encoder -> deposit decoder -> segmentation head, plus class and stain heads.
+
+    Build it through :func:`calcinosis.model.create_model`, which owns the
+    backbone factory; this class takes the already-built encoder so that it
+    never needs to know how timm names or downloads things.
+    """
+
+    def __init__(self, config: ModelConfig, encoder: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+
+        info = encoder.feature_info
+        channels = list(info.channels())
+        reductions = list(info.reduction())
+        # Feed the decoder every level at stride >= 4 (or all of them when the
+        # backbone has no such level, which no common backbone does).
+        keep = [i for i, r in enumerate(reductions) if r >= FINEST_DECODER_STRIDE]
+        self.decoder_levels: list[int] = keep or list(range(len(channels)))
+        self.decoder = DepositDecoder(
+            [channels[i] for i in self.decoder_levels], config.decoder_channels
+        )
+        self.segmentation_head = nn.Conv2d(config.decoder_channels, len(config.deposit_labels), 1)
+        self.classification_head = PooledHead(
+            channels[-1], len(config.class_names), config.drop_rate
+        )
+        self.stain_head = PooledHead(channels[-1], len(config.stain_names), config.drop_rate)
+
+        self.data_config: dict[str, Any] = resolve_data_config(encoder, config.in_chans)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw logits for the three tasks; deposits at the input resolution."""
+        features = self.encoder(x)
+        deepest = features[-1]
+        deposit = self.segmentation_head(self.decoder([features[i] for i in self.decoder_levels]))
+        deposit = F.interpolate(deposit, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {
+            "class_logits": self.classification_head(deepest),
+            "stain_logits": self.stain_head(deepest),
+            "deposit_logits": deposit,
+        }
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward in eval mode without autograd bookkeeping (logits, not probabilities)."""
+        if self.training:
+            self.eval()
+        return self(x)
+
+
+def resolve_data_config(encoder: nn.Module, in_chans: int = 3) -> dict[str, Any]:
+    """Preprocessing that travels with the model: mean, std and input size.
+
+    timm's pretrained config says what the backbone's weights expect; a
+    backbone without one gets ImageNet statistics, which is also what every
+    timm/torchvision checkpoint a user is likely to load was trained with.
+    """
+    try:
+        from timm.data import resolve_model_data_config
+
+        cfg = dict(resolve_model_data_config(encoder))
+    except Exception:  # a backbone without pretrained_cfg: fall back below
+        cfg = {}
+    mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
+    if len(mean) != in_chans:
+        # A grey or multiplex input: one averaged statistic per channel.
+        mean = (sum(mean) / len(mean),) * in_chans
+        std = (sum(std) / len(std),) * in_chans
+    input_size = tuple(int(v) for v in cfg.get("input_size", (in_chans, 224, 224)))
+    return {
+        **cfg,
+        "mean": mean,
+        "std": std,
+        "input_size": (in_chans, *input_size[1:]),
+    }
