@@ -47,9 +47,7 @@ def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
         help="move staining/scanner variation outside the training range "
         "(0 = training lab, 1 = a clearly different lab)",
     )
-    p.add_argument(
-        "--workers", type=int, default=0, help="worker processes (default: all cores)"
-    )
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
     p.add_argument("--sheet", default=None, help="also write a contact sheet PNG to this path")
 
 
@@ -66,7 +64,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument(
-        "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its last checkpoint",
     )
 
 
@@ -77,12 +77,14 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on a manifest split and write metrics, plots and a report.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
-    p.add_argument("--data", required=True, help="CSV manifest with path,label[,stain,mask_path,split]")
-    p.add_argument("--split", default="test", help="split to evaluate (default test; 'all' for every row)")
-    p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/report)")
     p.add_argument(
-        "--no-baseline", action="store_true", help="skip the colour-histogram baseline"
+        "--data", required=True, help="CSV manifest with path,label[,stain,mask_path,split]"
     )
+    p.add_argument(
+        "--split", default="test", help="split to evaluate (default test; 'all' for every row)"
+    )
+    p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/report)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the colour-histogram baseline")
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +96,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
             "input; write predictions.csv/json, overlay PNGs and QuPath GeoJSON."
         ),
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or CSV manifests")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders or CSV manifests"
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--out", required=True, help="output folder")
 

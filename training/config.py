@@ -214,7 +214,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}"
+            )
     for item in overrides or []:
         apply_override(raw, item)
     return config_from_dict(raw, source=source)
@@ -271,8 +273,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"config key '{prefix.rstrip('.') or '<top>'}' must be a section (mapping), "
-            f"got {raw!r}"
+            f"config key '{prefix.rstrip('.') or '<top>'}' must be a section (mapping), got {raw!r}"
         )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
