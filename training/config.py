@@ -321,7 +321,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 raise ConfigError(
                     f"config key '{key}' must be a list of {len(args)} values, got {value!r}"
                 )
-            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(
+                _coerce(a, v, f"{key}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
         item = args[0] if args else Any
         out = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
