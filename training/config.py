@@ -52,7 +52,8 @@ class DataConfig:
     root: str | None = None
     # Settings of the generator for source=synthetic (written under the run folder).
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # Network input side; patches are resized to it.
+    # Network input side; patches (after rescaling to data.mpp) are centre/randomly
+    # cropped or reflect-padded to it, so magnification matches inference tiles.
     image_size: int = 128
     # Microns per pixel of the training patches; inference rescales to match.
     mpp: float = 0.5
