@@ -1,0 +1,303 @@
+"""The synthetic generator: determinism, labels, stain chemistry, dataset layout, CLI."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calcinosis.model.errors import ConfigError
+from calcinosis.model.labels import (
+    AMYLOID,
+    BONE,
+    CALCIUM,
+    CLASS_DEPOSIT,
+    CLASS_NAMES,
+    STAIN_NAMES,
+    URATE,
+)
+from calcinosis.training.synthetic import (
+    MANIFEST_COLUMNS,
+    NOMINAL_MPP,
+    assign_synthetic_splits,
+    generate_dataset,
+    make_fixtures,
+    patch_seed,
+    render_patch,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SEEDS = range(12)
+
+
+def _read_manifest(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _tissue(rgb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Label-0 pixels that hold tissue (not bare glass)."""
+    grey = rgb.astype(np.float32).mean(axis=2)
+    glass_level = np.percentile(grey, 99)
+    return (labels == 0) & (grey < glass_level - 12)
+
+
+@pytest.mark.parametrize("label", CLASS_NAMES)
+@pytest.mark.parametrize("stain", STAIN_NAMES)
+def test_render_patch_shapes_and_label_values(label: str, stain: str) -> None:
+    for seed in range(4):
+        rgb, labels = render_patch(label, stain, seed, size=64)
+        assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+        assert labels.shape == (64, 64) and labels.dtype == np.uint8
+        present = set(np.unique(labels).tolist())
+        deposit = CLASS_DEPOSIT[label]
+        if label == "normal":
+            assert present == {0}
+        else:
+            # the class's own deposit is in view, and no other deposit is drawn
+            assert deposit in present, (label, stain, seed)
+            assert present <= {0, deposit}
+            assert np.count_nonzero(labels) >= 0.01 * labels.size
+
+
+def test_render_patch_is_deterministic() -> None:
+    a = render_patch("gout", "he", 7, size=96, shift=0.3)
+    b = render_patch("gout", "he", 7, size=96, shift=0.3)
+    c = render_patch("gout", "he", 8, size=96, shift=0.3)
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert a[0].tobytes() != c[0].tobytes()
+    # the stain changes the picture, not only the colours' order
+    d = render_patch("gout", "von_kossa", 7, size=96, shift=0.3)
+    assert a[0].tobytes() != d[0].tobytes()
+
+
+def test_render_patch_rejects_unknown_names() -> None:
+    with pytest.raises(ConfigError, match="calcinosis_cutis"):
+        render_patch("calcinosis", "he", 0)
+    with pytest.raises(ConfigError, match="von_kossa"):
+        render_patch("gout", "congo_red", 0)
+
+
+def test_patch_seed_differs_by_index_and_seed() -> None:
+    seeds = {patch_seed(s, i) for s in range(3) for i in range(50)}
+    assert len(seeds) == 150
+
+
+def _deposit_vs_tissue(label, stain, shift, stat, seeds=SEEDS, size=96):
+    """Per patch: (stat over the class's deposit pixels, stat over tissue pixels)."""
+    out = []
+    for seed in seeds:
+        rgb, labels = render_patch(label, stain, seed, size=size, shift=shift)
+        dep = labels == CLASS_DEPOSIT[label]
+        tis = _tissue(rgb, labels)
+        if dep.sum() < 20 or tis.sum() < 20:
+            continue
+        px = rgb.astype(np.float32)
+        out.append((stat(px[dep]), stat(px[tis])))
+    assert len(out) >= len(seeds) * 2 // 3, "too few patches had both deposit and tissue"
+    return np.array(out)
+
+
+def _intensity(px: np.ndarray) -> float:
+    return float(px.mean())
+
+
+def _redness(px: np.ndarray) -> float:
+    return float(np.mean(px[:, 0] / (0.5 * (px[:, 1] + px[:, 2]) + 1.0)))
+
+
+def _blueness(px: np.ndarray) -> float:
+    return float(np.mean((px[:, 2] + 1.0) / (px[:, 0] + 1.0)))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.6])
+@pytest.mark.parametrize("label", ["calcinosis_cutis", "osteoma_cutis"])
+def test_von_kossa_blackens_calcium_and_bone(label: str, shift: float) -> None:
+    stats = _deposit_vs_tissue(label, "von_kossa", shift, _intensity)
+    assert np.all(stats[:, 0] < stats[:, 1] - 40), stats
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.6])
+@pytest.mark.parametrize("label", ["calcinosis_cutis", "osteoma_cutis"])
+def test_alizarin_red_reddens_calcium_and_bone(label: str, shift: float) -> None:
+    stats = _deposit_vs_tissue(label, "alizarin_red", shift, _redness)
+    assert np.all(stats[:, 0] > stats[:, 1] * 1.3), stats
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.6])
+@pytest.mark.parametrize("label", ["gout", "amyloidosis"])
+@pytest.mark.parametrize("stain", ["von_kossa", "alizarin_red"])
+def test_urate_and_amyloid_are_negative_in_special_stains(
+    label: str, stain: str, shift: float
+) -> None:
+    stats = _deposit_vs_tissue(label, stain, shift, _intensity)
+    # not darkened: as bright as the surrounding tissue, or brighter
+    assert np.all(stats[:, 0] > stats[:, 1] - 8), stats
+    if stain == "alizarin_red":
+        red = _deposit_vs_tissue(label, stain, shift, _redness)
+        assert np.all(red[:, 0] < red[:, 1] + 0.1), red
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.6])
+def test_he_calcium_is_basophilic(shift: float) -> None:
+    stats = _deposit_vs_tissue("calcinosis_cutis", "he", shift, _blueness)
+    assert np.mean(stats[:, 0] > stats[:, 1]) >= 0.9, stats
+    # and the mimics' deposits are eosinophilic (pink: red above blue)
+    calc = stats[:, 0].mean()
+    for label in ("osteoma_cutis", "gout", "amyloidosis"):
+        own = []
+        for seed in range(6):
+            rgb, labels = render_patch(label, "he", seed, size=96, shift=shift)
+            own.append(_blueness(rgb[labels == CLASS_DEPOSIT[label]].astype(np.float32)))
+        assert np.mean(own) < calc, (label, own, calc)
+
+
+def test_he_urate_and_amyloid_share_a_colour() -> None:
+    """In H&E gout and amyloid are both pale pink: the mean colours overlap."""
+    means = {}
+    for label in ("gout", "amyloidosis"):
+        cols = []
+        for seed in SEEDS:
+            rgb, labels = render_patch(label, "he", seed, size=96)
+            dep = labels == CLASS_DEPOSIT[label]
+            cols.append(rgb[dep].astype(np.float32).mean(axis=0))
+        means[label] = np.array(cols)
+    gap = np.abs(means["gout"].mean(0) - means["amyloidosis"].mean(0))
+    spread = np.maximum(means["gout"].std(0), means["amyloidosis"].std(0))
+    assert np.all(gap < 3.5 * spread + 12), (gap, spread)
+
+
+def test_shift_moves_colour_statistics() -> None:
+    """A shifted lab differs measurably from the training lab, on average."""
+
+    def colour(shift):
+        return np.array(
+            [render_patch("normal", "he", s, size=64, shift=shift)[0].mean((0, 1)) for s in SEEDS]
+        )
+
+    base, shifted = colour(0.0), colour(1.0)
+    assert np.abs(shifted - base).mean() > 3
+
+
+def test_assign_splits_is_stratified() -> None:
+    splits = assign_synthetic_splits(20, seed=0)
+    assert splits == assign_synthetic_splits(20, seed=0)
+    for label in CLASS_NAMES:
+        for stain in STAIN_NAMES:
+            counts = Counter(splits[(label, stain, i)] for i in range(20))
+            assert set(counts) == {"train", "val", "test"}
+            assert 12 <= counts["train"] <= 16 and 2 <= counts["val"] <= 4
+    for n in (2, 3, 5):  # small sets still give every class all three splits
+        small = assign_synthetic_splits(n, seed=3)
+        for label in CLASS_NAMES:
+            got = {small[(label, s, i)] for s in STAIN_NAMES for i in range(n)}
+            assert got == {"train", "val", "test"}, (n, label)
+
+
+def test_generate_dataset_layout_and_worker_independence(tmp_path: Path) -> None:
+    one = generate_dataset(tmp_path / "one", 3, size=32, seed=5, workers=1)
+    two = generate_dataset(tmp_path / "two", 3, size=32, seed=5, workers=2)
+    assert one.name == "manifest.csv"
+    rows = _read_manifest(one)
+    assert tuple(rows[0].keys()) == MANIFEST_COLUMNS
+    assert len(rows) == 3 * len(CLASS_NAMES) * len(STAIN_NAMES)
+    assert {(r["label"], r["stain"]) for r in rows} == {
+        (c, s) for c in CLASS_NAMES for s in STAIN_NAMES
+    }
+    for label in CLASS_NAMES:
+        assert {r["split"] for r in rows if r["label"] == label} == {"train", "val", "test"}
+    for r in rows:
+        assert float(r["mpp"]) == NOMINAL_MPP
+        img = cv2.imread(str(one.parent / r["path"]), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(one.parent / r["mask_path"]), cv2.IMREAD_UNCHANGED)
+        assert img.shape == (32, 32, 3) and mask.shape == (32, 32) and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, CLASS_DEPOSIT[r["label"]]}
+        # byte-identical whatever the number of workers
+        for key in ("path", "mask_path"):
+            assert (one.parent / r[key]).read_bytes() == (two.parent / r[key]).read_bytes()
+    assert one.read_bytes() == two.read_bytes()
+    # the PNG holds the same pixels render_patch returns (RGB order kept)
+    r = rows[0]
+    i = int(Path(r["path"]).stem.split("_")[-1])
+    rgb, labels = render_patch(r["label"], r["stain"], patch_seed(5, i), size=32)
+    img = cv2.imread(str(one.parent / r["path"]))[:, :, ::-1]
+    assert np.array_equal(img, rgb)
+
+
+def test_generate_dataset_validates_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="n_per_class_stain"):
+        generate_dataset(tmp_path, 0)
+    with pytest.raises(ConfigError, match="size"):
+        generate_dataset(tmp_path, 1, size=8)
+
+
+def test_fixtures_regenerate_byte_identical(tmp_path: Path) -> None:
+    manifest = make_fixtures(tmp_path)
+    produced = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert len([p for p in produced if p.parts[0] == "images"]) == 30
+    assert len([p for p in produced if p.parts[0] == "masks"]) == 30
+    for rel in produced:
+        committed = FIXTURES / rel
+        assert committed.is_file(), f"{committed} missing: run tests/fixtures/regenerate.py"
+        assert committed.read_bytes() == (tmp_path / rel).read_bytes(), (
+            f"{rel} differs from the committed fixture; if the generator changed on purpose, "
+            "run tests/fixtures/regenerate.py"
+        )
+    rows = _read_manifest(manifest)
+    assert len(rows) == 30
+
+
+def test_fixture_masks_carry_each_class_deposit() -> None:
+    rows = _read_manifest(FIXTURES / "manifest.csv")
+    seen = {label: set() for label in CLASS_NAMES}
+    for r in rows:
+        mask = cv2.imread(str(FIXTURES / r["mask_path"]), cv2.IMREAD_UNCHANGED)
+        seen[r["label"]] |= set(np.unique(mask).tolist())
+    assert seen["calcinosis_cutis"] == {0, CALCIUM}
+    assert BONE in seen["osteoma_cutis"]
+    assert URATE in seen["gout"]
+    assert AMYLOID in seen["amyloidosis"]
+    assert seen["normal"] == {0}
+
+
+def test_cli_synth_writes_tree_and_sheet(tmp_path: Path, capsys) -> None:
+    from calcinosis.inference.cli import main
+
+    out = tmp_path / "data"
+    sheet = tmp_path / "sheet.png"
+    rc = main(
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--n-per-class-stain",
+            "1",
+            "--size",
+            "32",
+            "--workers",
+            "1",
+            "--sheet",
+            str(sheet),
+        ]
+    )
+    assert rc == 0
+    assert (out / "manifest.csv").is_file()
+    for label in CLASS_NAMES:
+        for stain in STAIN_NAMES:
+            assert (out / "images" / label / f"{stain}_0000.png").is_file()
+            assert (out / "masks" / label / f"{stain}_0000.png").is_file()
+    img = cv2.imread(str(sheet))
+    assert img is not None and img.shape[0] > 5 * 32 and img.shape[1] > 3 * 4 * 32
+    assert "manifest.csv" in capsys.readouterr().out
+
+
+def test_cli_synth_reports_bad_arguments(tmp_path: Path, capsys) -> None:
+    from calcinosis.inference.cli import main
+
+    rc = main(["synth", "--out", str(tmp_path / "x"), "--n-per-class-stain", "0"])
+    assert rc == 2
+    assert "n_per_class_stain" in capsys.readouterr().err
