@@ -31,10 +31,28 @@ def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Render synthetic H&E, von Kossa and Alizarin red patches of the five classes "
             "with their deposit label maps, and write images/, masks/ and manifest.csv "
-            "(stratified train/val/test split)."
+            "(stratified train/val/test split). With --region, render instead one large "
+            "region like an area exported from a slide: a mosaic of tissue with scattered "
+            "deposits and bare glass, written as a PNG with its label map and a JSON side-car."
         ),
     )
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (created); with --region, the region PNG to write",
+    )
+    p.add_argument(
+        "--region",
+        default=None,
+        metavar="WxH",
+        help="render one region of W x H pixels (e.g. 2048x2048) instead of a dataset; "
+        "also writes <stem>_labels.png and <stem>.json next to --out",
+    )
+    p.add_argument(
+        "--stain",
+        default=None,
+        help="stain of a --region: he (default), von_kossa or alizarin_red",
+    )
     p.add_argument(
         "--n-per-class-stain", type=int, default=20, help="patches per class and stain (default 20)"
     )
@@ -85,6 +103,21 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/report)")
     p.add_argument("--no-baseline", action="store_true", help="skip the colour-histogram baseline")
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="METRICS_JSON",
+        help="metrics.json of an earlier report (e.g. the in-lab test set); adds a section "
+        "comparing this data with it",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="patches per batch (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run the model (default: a CUDA GPU if there is one)",
+    )
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -93,25 +126,122 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         help="predict classes, deposits and stain for images, folders or a manifest",
         description=(
             "Predict calibrated class probabilities, the stain and the deposit map for each "
-            "input; write predictions.csv/json, overlay PNGs and QuPath GeoJSON."
+            "input; write predictions.csv/json, overlay PNGs and QuPath GeoJSON. Images much "
+            "larger than the network input are tiled (region mode) and get a tile table. "
+            "Exit status: 0 when every input was processed, 3 when some inputs could not "
+            "be read (their rows say status=error and why), 2 for usage errors."
         ),
     )
     p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image files, folders or CSV manifests"
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders (searched recursively) or CSV manifests with a 'path' column",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint (.safetensors) or exported .onnx"
+    )
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="microns per pixel of the inputs (default: the model's own; a manifest 'mpp' "
+        "column wins); images are resampled to the model's mpp and results mapped back",
+    )
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "torch-eager", "torch-bf16", "torch-compile", "onnx", "onnx-int8"],
+        help="torch = PyTorch fp32 channels-last (default); onnx = ONNX Runtime, exported once "
+        "next to the checkpoint and usually fastest on CPUs; torch-bf16 only pays off on "
+        "CPUs with AMX/AVX512-BF16 or on GPUs",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda / cuda:N for the torch backends"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="call a patch 'indeterminate' below this calibrated top probability "
+        "(default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="patches per forward pass (default 32)"
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        help="overlap of region tiles in model pixels (default: a quarter of the input size)",
+    )
+    p.add_argument(
+        "--focus-threshold",
+        type=float,
+        default=None,
+        help="relative sharpness below which a patch is 'out_of_focus' (default 0.15; 0 disables)",
+    )
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--no-geojson", action="store_true", help="do not write QuPath GeoJSON files")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads for decoding and writing (default: all cores)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX")
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX",
+        description=(
+            "Export a checkpoint to a self-describing ONNX file (dynamic batch axis; the "
+            "checkpoint metadata is stored in the model's metadata_props) and check that "
+            "ONNX Runtime reproduces PyTorch within 1e-3."
+        ),
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write <name>.int8.onnx, statically quantised on synthetic calibration patches",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the PyTorch/ONNX parity check")
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure inference speed of each backend on this machine")
+    p = sub.add_parser(
+        "bench",
+        help="measure inference speed of each backend on this machine",
+        description=(
+            "Throughput, latency, peak memory and agreement with fp32 eager for each backend "
+            "(each in a fresh process), plus the end-to-end predict rate on a folder of PNGs."
+        ),
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
+    p.add_argument(
+        "--backends",
+        default="torch-eager,torch,torch-bf16,onnx,onnx-int8",
+        help="comma-separated backends (default: all but torch-compile, which takes a minute "
+        "to compile); torch-eager is the baseline",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="throughput batch size (default 32)")
+    p.add_argument(
+        "--iters", type=int, default=10, help="timed iterations per measurement (default 10)"
+    )
+    p.add_argument(
+        "--size", type=int, default=None, help="patch side (default: the model's input size)"
+    )
+    p.add_argument(
+        "--images", type=int, default=64, help="synthetic images for agreement and end-to-end"
+    )
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end predict measurement")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
 def build_parser() -> argparse.ArgumentParser:

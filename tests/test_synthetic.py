@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -21,13 +22,17 @@ from calcinosis.model.labels import (
     URATE,
 )
 from calcinosis.training.synthetic import (
+    DEPOSIT_CLASSES,
     MANIFEST_COLUMNS,
     NOMINAL_MPP,
     assign_synthetic_splits,
     generate_dataset,
     make_fixtures,
     patch_seed,
+    plan_region,
     render_patch,
+    render_plan,
+    render_region,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -301,3 +306,144 @@ def test_cli_synth_reports_bad_arguments(tmp_path: Path, capsys) -> None:
     rc = main(["synth", "--out", str(tmp_path / "x"), "--n-per-class-stain", "0"])
     assert rc == 2
     assert "n_per_class_stain" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Large regions (a mosaic of patches, like an area exported from a slide)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_region_1024():
+    plan = plan_region(1024, 1024, seed=0)
+    rgb, labels = render_plan(plan, "he")
+    return plan, rgb, labels
+
+
+def _near_white(rgb: np.ndarray) -> bool:
+    """Bare glass: every channel of every pixel bright, nothing stained."""
+    return int(rgb.min()) >= 200 and float(rgb.astype(np.float32).std(axis=(0, 1)).max()) < 8
+
+
+def test_render_region_shape_dtype_and_determinism() -> None:
+    # sides that are not multiples of the tile: the last row and column are cropped
+    a = render_region(300, 200, seed=3, tile=64, workers=1)
+    b = render_region(300, 200, seed=3, tile=64, workers=2)
+    c = render_region(300, 200, seed=4, tile=64, workers=1)
+    assert a[0].shape == (200, 300, 3) and a[0].dtype == np.uint8
+    assert a[1].shape == (200, 300) and a[1].dtype == np.uint8
+    # byte-identical whatever the number of worker processes
+    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert a[0].tobytes() != c[0].tobytes()
+    assert set(np.unique(a[1]).tolist()) <= {0, CALCIUM, BONE, URATE, AMYLOID}
+
+
+def test_render_region_rejects_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="osteoma_cutis"):
+        render_region(256, 256, classes=["osteoma"])
+    with pytest.raises(ConfigError, match="width"):
+        render_region(10, 256)
+    with pytest.raises(ConfigError, match="von_kossa"):
+        render_region(256, 256, stain="congo_red")
+
+
+def test_region_has_glass_tissue_and_deposits(synthetic_region_1024) -> None:
+    plan, rgb, labels = synthetic_region_1024
+    assert rgb.shape == (1024, 1024, 3) and labels.shape == (1024, 1024)
+    assert (plan.rows, plan.cols) == (4, 4)
+    flat = [cell for row in plan.grid for cell in row]
+    assert set(flat) >= {"glass", "normal", *DEPOSIT_CLASSES}
+
+    def window(r: int, c: int) -> tuple[slice, slice]:
+        return slice(r * 256, (r + 1) * 256), slice(c * 256, (c + 1) * 256)
+
+    grey = rgb.astype(np.float32).mean(axis=2)
+    glass = [window(r, c) for r in range(4) for c in range(4) if plan.grid[r][c] == "glass"]
+    glass_level = float(np.mean([grey[w].mean() for w in glass]))
+    blank = tissue = 0
+    for r in range(plan.rows):
+        for c in range(plan.cols):
+            cell, cell_labels = rgb[window(r, c)], labels[window(r, c)]
+            blank += _near_white(cell)
+            tissue += np.mean(grey[window(r, c)] < glass_level - 12) > 0.3
+            # the plan and the pixels agree: glass tiles are bare, labels stay in their tile
+            if plan.grid[r][c] == "glass":
+                assert _near_white(cell) and not cell_labels.any(), (r, c)
+            else:
+                present = set(np.unique(cell_labels).tolist())
+                assert present <= {0, CLASS_DEPOSIT[plan.grid[r][c]]}, (r, c, present)
+                if plan.grid[r][c] != "normal":
+                    assert CLASS_DEPOSIT[plan.grid[r][c]] in present, (r, c)
+    assert blank >= 1 and tissue >= 6, (blank, tissue)
+    # several deposit kinds, each a small part of the region (mostly normal tissue)
+    values, counts = np.unique(labels, return_counts=True)
+    assert len(set(values.tolist()) - {0}) >= 3, values
+    assert counts[values == 0][0] > 0.8 * labels.size
+    # labels only where there is tissue (never on bright glass)
+    assert rgb[labels > 0].astype(np.float32).mean() < 200
+
+
+def test_region_seams_are_feathered(synthetic_region_1024) -> None:
+    """Neighbouring tiles are cross-faded: no step in brightness at tile edges."""
+    _plan, rgb, _labels = synthetic_region_1024
+    grey = rgb.astype(np.float32).mean(axis=2)
+    for axis in (0, 1):
+        # mean jump between neighbouring rows / columns; hard seams give ~4x the median
+        jumps = np.abs(np.diff(grey, axis=axis)).mean(axis=1 - axis)
+        at_seams = jumps[[255, 511, 767]].mean()
+        assert at_seams < 1.5 * np.median(jumps), (axis, at_seams, np.median(jumps))
+
+
+def test_cli_synth_region_writes_png_labels_and_json(tmp_path: Path, capsys) -> None:
+    from calcinosis.inference.cli import main
+
+    out = tmp_path / "slide" / "region.png"
+    rc = main(
+        [
+            "synth",
+            "--region",
+            "320x256",
+            "--out",
+            str(out),
+            "--stain",
+            "von_kossa",
+            "--seed",
+            "3",
+            "--shift",
+            "0.2",
+            "--workers",
+            "1",
+        ]
+    )
+    assert rc == 0
+    img = cv2.imread(str(out))[:, :, ::-1]
+    lab = cv2.imread(str(out.with_name("region_labels.png")), cv2.IMREAD_UNCHANGED)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    rgb, labels = render_region(320, 256, seed=3, stain="von_kossa", shift=0.2, workers=1)
+    assert np.array_equal(img, rgb) and np.array_equal(lab, labels)
+    assert meta["width"] == 320 and meta["height"] == 256 and meta["mpp"] == NOMINAL_MPP
+    assert meta["stain"] == "von_kossa" and meta["seed"] == 3 and meta["shift"] == 0.2
+    assert len(meta["tile_classes"]) == meta["rows"] == 1
+    assert len(meta["tile_classes"][0]) == meta["cols"] == 2
+    assert "region.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--region", "2048"], "2048x2048"),
+        (["--region", "20x20"], "--region"),
+        (["--region", "512x512", "--stain", "congo_red"], "von_kossa"),
+        (["--stain", "he"], "--region"),
+    ],
+)
+def test_cli_synth_region_reports_bad_arguments(
+    tmp_path: Path, capsys, argv: list[str], message: str
+) -> None:
+    from calcinosis.inference.cli import main
+
+    out = tmp_path / ("r.png" if "--region" in argv else "data")
+    rc = main(["synth", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert not out.exists()

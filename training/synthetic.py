@@ -30,17 +30,31 @@ range (another lab).
 Determinism: a patch depends only on ``(label, stain, seed, size, shift)``;
 ``generate_dataset`` derives each patch's seed from ``(seed, i)`` and writes
 byte-identical files whatever the number of worker processes.
+
+Regions (``render_region``) stand in for an area exported from a slide, for
+tiling, tissue detection and speed tests: a grid of tiles drawn by the same
+code, but cut out of one section. The skin surface, the layer depths,
+collagen density, fat septa, section thickness, lighting and the lab's
+staining are shared across the region, so layers run on from tile to tile;
+the section's outline leaves bare glass above the surface and beyond its
+cut edges; a few tiles hold a nodule of a deposit class. Neighbouring tiles
+are rendered with a margin and cross-faded, and each pixel keeps the label of
+its own tile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
 import multiprocessing as mp
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -53,6 +67,7 @@ from calcinosis.model.labels import (
     CALCIUM,
     CLASS_NAMES,
     DEPOSIT_COLORS,
+    DEPOSIT_LABELS,
     STAIN_NAMES,
     URATE,
 )
@@ -66,6 +81,14 @@ __all__ = [
     "assign_synthetic_splits",
     "contact_sheet",
     "make_fixtures",
+    "DEPOSIT_CLASSES",
+    "GLASS",
+    "RegionPlan",
+    "plan_region",
+    "render_plan",
+    "render_region",
+    "region_metadata",
+    "parse_region_size",
     "run_synth",
 ]
 
@@ -410,7 +433,14 @@ def _voronoi(sc: _Scene, spacing: float, warp_um: float) -> tuple[np.ndarray, np
 class _Layout:
     """Depth (um below the skin surface) of every pixel, and region masks."""
 
-    def __init__(self, sc: _Scene, label: str) -> None:
+    # set only for region tiles: collagen density map and fat septa from the region
+    collagen: np.ndarray | None = None
+    septa: np.ndarray | None = None
+
+    def __init__(self, sc: _Scene, label: str, ctx: _TileContext | None = None) -> None:
+        if ctx is not None:
+            self._from_region(ctx)
+            return
         rng = sc.rng
         n = sc.n
         self.theta = rng.uniform(0, 2 * math.pi)  # direction of increasing depth
@@ -448,6 +478,30 @@ class _Layout:
         # where deposits may lie: below the epidermis
         self.deep = ~self.glass & ~self.epi
 
+    def _from_region(self, ctx: _TileContext) -> None:
+        """Take depth and layer thicknesses from the region, so layers run on across tiles."""
+        self.theta = ctx.theta
+        self.keratin = ctx.keratin
+        self.epidermis = ctx.epidermis
+        self.dej = self.keratin + self.epidermis
+        self.papillary = ctx.papillary
+        self.subcutis = ctx.subcutis
+        self.depth = ctx.depth
+        self.depth_deep = ctx.depth_deep
+        self.glass = (self.depth < 0) | ctx.outside
+        self.epi = ~self.glass & (self.depth < self.dej)
+        self.fat = ~self.glass & (self.depth_deep >= self.subcutis)
+        self.dermis = ~self.glass & ~self.epi & ~self.fat
+        self.deep = ~self.glass & ~self.epi
+        self.collagen = ctx.collagen
+        self.septa = ctx.septa
+        if self.epi.any():
+            self.kind = "epidermis"
+        elif self.fat.any():
+            self.kind = "junction" if self.dermis.any() else "subcutis"
+        else:
+            self.kind = "dermis"
+
 
 def _streaks(sc: _Scene, ang: float, length_um: float, dx=None, dy=None) -> np.ndarray:
     """Fibrillar texture: fine noise smeared along direction ``ang`` (optionally warped)."""
@@ -483,6 +537,8 @@ def _collagen(sc: _Scene, lay: _Layout, region: np.ndarray) -> None:
     cleft = _smoothstep(s, 0.72, 0.95) * _smoothstep(along, -0.6, 0.4)
     fibril = 0.13 * _streaks(sc, ang, 6.0, dx, dy)
     dense = rng.uniform(0.6, 1.0)
+    if lay.collagen is not None:  # a region tile: density varies smoothly over the region
+        dense = lay.collagen
     coll = dense * (0.92 + fibril + 0.06 * sc.noise(8)) * (1 - 0.9 * cleft)
     # papillary dermis: looser, finer, paler
     pap = _smoothstep(lay.dej + lay.papillary - lay.depth, -5, 5)
@@ -646,7 +702,9 @@ def _base_tissue(sc: _Scene, lay: _Layout) -> None:
     if fat.any():
         _fat(sc, fat)
         # fibrous septa between lobules
-        if rng.random() < 0.5:
+        if lay.septa is not None:  # a region tile: septa run on across tiles
+            sc.paint(STROMA, fat * lay.septa, 0.85)
+        elif rng.random() < 0.5:
             x, y = sc.sample_in(lay.fat)[0]
             ang = rng.uniform(0, math.pi)
             dist = np.abs((sc.xx - x) * math.sin(ang) - (sc.yy - y) * math.cos(ang))
@@ -1105,6 +1163,19 @@ def _amyloidosis(sc: _Scene, lay: _Layout) -> None:
     sc.labels[glob > 0.5] = AMYLOID
 
 
+def _lesion_room(sc: _Scene, margin: int) -> np.ndarray:
+    """An irregular rounded area in the middle of a region tile where its lesion may lie."""
+    rng = sc.rng
+    n = sc.n
+    cx, cy = n / 2 + rng.uniform(-0.1, 0.1, 2) * n
+    radius = rng.uniform(0.24, 0.36) * n
+    f = radius - np.sqrt((sc.xx - cx) ** 2 + (sc.yy - cy) ** 2)
+    f = f + 0.05 * n * sc.noise(n / sc.ppu / rng.uniform(3, 6))
+    # never closer than a few px to the feathered band at the tile's edge
+    edge = np.minimum(np.minimum(sc.xx, sc.yy), np.minimum(n - 1 - sc.xx, n - 1 - sc.yy))
+    return np.minimum(f, edge - margin - 6) > 0
+
+
 _DEPOSITS = {
     "calcinosis_cutis": _calcinosis,
     "osteoma_cutis": _osteoma,
@@ -1176,8 +1247,12 @@ def _artefacts(sc: _Scene, lab: dict) -> None:
         sc.c[DEBRIS] += 0.7 * ring
 
 
-def _render(sc: _Scene, stain: str, lab: dict) -> np.ndarray:
-    """Beer-Lambert: transmitted light through the stained section, then the scanner."""
+def _render(sc: _Scene, stain: str, lab: dict, ctx: _TileContext | None = None) -> np.ndarray:
+    """Beer-Lambert: transmitted light through the stained section, then the scanner.
+
+    A region tile (``ctx``) takes section thickness and illumination from the
+    region, so they run on smoothly from one tile to the next.
+    """
     rng = sc.rng
     n = sc.n
     od_dyes = _DYE_OD * lab["amount"][:, None]
@@ -1193,12 +1268,18 @@ def _render(sc: _Scene, stain: str, lab: dict) -> np.ndarray:
         for k in used:
             acc += sc.c[k] * comp_od[k, ch]
         planes.append(acc)
-    thick = lab["thickness"] * (1 + 0.07 * sc.noise(30))
+    if ctx is None:
+        thick = lab["thickness"] * (1 + 0.07 * sc.noise(30))
+    else:
+        thick = ctx.thickness
     od = cv2.merge(planes) * thick[:, :, None]
     # unevenly lit, slightly tinted background
-    cx, cy = rng.uniform(-0.3, 1.3, 2) * n
-    r2 = ((sc.xx - cx) ** 2 + (sc.yy - cy) ** 2) / (n * n)
-    light = lab["background"] * (1 - lab["vignette"] * r2 / 2) * (1 + 0.01 * sc.noise(40))
+    if ctx is None:
+        cx, cy = rng.uniform(-0.3, 1.3, 2) * n
+        r2 = ((sc.xx - cx) ** 2 + (sc.yy - cy) ** 2) / (n * n)
+        light = lab["background"] * (1 - lab["vignette"] * r2 / 2) * (1 + 0.01 * sc.noise(40))
+    else:
+        light = ctx.light
     tint = np.exp(-np.asarray(lab["tint"], np.float32))
     img = np.exp(-od) * light[:, :, None] * tint
     if lab["blur"] > 0.15:
@@ -1245,18 +1326,43 @@ def render_patch(
         raise ConfigError(f"patch size {size} is too small; use at least 16 pixels")
     if shift < 0:
         raise ConfigError(f"shift must be >= 0, got {shift}")
+    return _render_scene(label, stain, ci, si, seed, int(size), float(shift), float(mpp), None)
+
+
+def _render_scene(
+    label: str,
+    stain: str,
+    ci: int,
+    si: int,
+    seed: int,
+    size: int,
+    shift: float,
+    mpp: float,
+    ctx: _TileContext | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """render_patch's body; a region tile passes ``ctx`` (layout, lab and light from the region)."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, ci, si, GENERATOR_VERSION])
-    sc = _Scene(rng, int(size), float(mpp))
-    lay = _Layout(sc, label)
-    _base_tissue(sc, lay)
+    sc = _Scene(rng, size, mpp)
+    lay = _Layout(sc, label, ctx)
+    if ctx is None or not lay.glass.all():  # a region's bare-glass tile needs no tissue
+        _base_tissue(sc, lay)
     if label in _DEPOSITS:
+        if ctx is not None:
+            # a region tile keeps its lesion off the tile's edges, so it reads as a
+            # nodule rather than a square cut out of one
+            full = lay.deep, lay.dermis
+            room = _lesion_room(sc, ctx.margin)
+            lay.deep, lay.dermis = lay.deep & room, lay.dermis & room
         # a lesion patch always shows some of its lesion (at least ~1% of the area)
         for _ in range(4):
             _DEPOSITS[label](sc, lay)
             if np.count_nonzero(sc.labels) >= 0.01 * sc.n * sc.n:
                 break
-    # the edge of the section: glass beyond it (never hiding the whole lesion)
-    if rng.random() < 0.15:
+        if ctx is not None:
+            lay.deep, lay.dermis = full
+    # the edge of the section: glass beyond it (never hiding the whole lesion);
+    # a region tile has its edges drawn by the region instead
+    if ctx is None and rng.random() < 0.15:
         ang = rng.uniform(0, 2 * math.pi)
         proj = (sc.xx - sc.n / 2) * math.cos(ang) + (sc.yy - sc.n / 2) * math.sin(ang)
         edge = (proj + sc.px(3) * sc.noise(15)) > rng.uniform(0.15, 0.45) * sc.n
@@ -1269,9 +1375,15 @@ def render_patch(
     nuc = sc.c[NUC]
     tex = 0.8 + 0.2 * sc.fine_noise(0.7)
     sc.c[NUC] = cv2.GaussianBlur(nuc * tex, (0, 0), 0.6)
-    lab = _lab_settings(rng, float(shift))
+    if ctx is None:
+        lab = _lab_settings(rng, shift)
+    else:
+        # one lab for the whole slide; folds and bubbles would stop at the tile edge
+        lab = dict(ctx.lab, fold=False, bubble=False, debris=bool(rng.random() < 0.12))
     _artefacts(sc, lab)
-    rgb = _render(sc, stain, lab)
+    if ctx is not None:  # dust only on the tissue: a region's bare glass stays bare
+        sc.c[DEBRIS][lay.glass] = 0
+    rgb = _render(sc, stain, lab, ctx)
     return rgb, sc.labels
 
 
@@ -1310,6 +1422,24 @@ def _render_chunk(job: tuple[str, list[tuple[str, str, int]], int, int, float, f
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)
+
+
+@contextlib.contextmanager
+def _cv2_single_thread():
+    """OpenCV on one thread while it lasts; wrap every worker pool in it.
+
+    Besides keeping processes from fighting over the cores, this makes forking
+    safe: a child forked while OpenCV's thread pool is running inherits the
+    pool's locks but not its threads, and its first call into the pool (even
+    ``setNumThreads``) can then wait forever. With the pool shut down in the
+    parent before the fork, there is nothing to inherit.
+    """
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(prev)
 
 
 def assign_synthetic_splits(
@@ -1379,18 +1509,14 @@ def generate_dataset(
         (str(root), tasks[j : j + chunk], int(seed), int(size), float(shift), float(mpp))
         for j in range(0, len(tasks), chunk)
     ]
-    if workers == 1:
-        prev = cv2.getNumThreads()
-        cv2.setNumThreads(1)
-        try:
+    with _cv2_single_thread():
+        if workers == 1:
             for job in jobs:
                 _render_chunk(job)
-        finally:
-            cv2.setNumThreads(prev)
-    else:
-        with mp.get_context().Pool(workers, initializer=_init_worker) as pool:
-            for _ in pool.imap_unordered(_render_chunk, jobs):
-                pass
+        else:
+            with mp.get_context().Pool(workers, initializer=_init_worker) as pool:
+                for _ in pool.imap_unordered(_render_chunk, jobs):
+                    pass
     splits = assign_synthetic_splits(n_per_class_stain, seed)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -1463,8 +1589,612 @@ def make_fixtures(out_dir: str | os.PathLike) -> Path:
     return generate_dataset(out_dir, 2, size=64, seed=0, shift=0.0, workers=1)
 
 
+# ---------------------------------------------------------------------------
+# Regions: a mosaic of patches, like an area exported from a slide
+# ---------------------------------------------------------------------------
+
+#: Classes whose deposits a region scatters by default (normal tissue fills the rest).
+DEPOSIT_CLASSES: tuple[str, ...] = tuple(c for c in CLASS_NAMES if c != "normal")
+#: Name in a region's tile grid of a tile with no tissue at all.
+GLASS = "glass"
+#: Width (px) of the band over which neighbouring region tiles are cross-faded.
+REGION_FEATHER = 16
+#: Smallest region side and largest region area accepted by render_region.
+REGION_MIN_SIDE = 64
+REGION_MAX_PIXELS = 16384 * 16384
+# coarse sampling step (px) of the region's smooth 2-D fields
+_FIELD_STEP = 8
+
+
+@dataclass
+class _TileContext:
+    """What one region tile takes from its region (maps are tile-sized, float32)."""
+
+    depth: np.ndarray  # um below the skin surface
+    depth_deep: np.ndarray  # depth with the lobulated dermis/subcutis boundary folded in
+    outside: np.ndarray  # bool: beyond the cut edges of the section (glass)
+    theta: float  # direction of increasing depth at the tile centre
+    keratin: float
+    epidermis: float
+    papillary: float
+    subcutis: float
+    lab: dict
+    thickness: np.ndarray
+    light: np.ndarray
+    collagen: np.ndarray  # collagen density of the dermis
+    septa: np.ndarray  # fibrous septa between fat lobules (0..1)
+    margin: int  # px of the tile's feathered band on each side
+
+
+@dataclass
+class _Geometry:
+    """The section's outline and layers, sampled so any tile can be cut out of it."""
+
+    pad: int  # the 1-D and 2-D fields start at pixel -pad
+    top: np.ndarray  # y (px) of the skin surface for every x
+    top_cos: np.ndarray  # vertical -> perpendicular depth factor (surface slope)
+    top_slope: np.ndarray
+    bottom: np.ndarray | None  # y (px) of the deep cut edge for every x (glass below)
+    side: str | None  # "left" / "right": which end of the section is in view
+    edge: np.ndarray | None  # x (px) of that end for every y
+    fields: dict[str, np.ndarray]  # smooth unit-variance fields on a _FIELD_STEP grid
+    layers: dict[str, float]  # keratin, epidermis, papillary, subcutis, wobble amplitudes (um)
+
+
+@dataclass
+class RegionPlan:
+    """What a synthetic region holds: its outline and the class drawn in every tile.
+
+    ``grid[r][c]`` is the class rendered in tile (r, c) (``normal`` or a
+    deposit class) or ``"glass"`` where the tile holds no tissue; ``tissue``
+    is each tile's approximate tissue fraction. Rendering follows the plan, so
+    one plan serves all three stains (serial sections of the same block).
+    """
+
+    width: int
+    height: int
+    seed: int
+    tile: int
+    mpp: float
+    classes: tuple[str, ...]
+    grid: list[list[str]]
+    tissue: np.ndarray
+    geometry: _Geometry = dataclasses.field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return len(self.grid)
+
+    @property
+    def cols(self) -> int:
+        return len(self.grid[0])
+
+
+def _smooth_1d(rng: np.random.Generator, length: int, scale: float) -> np.ndarray:
+    """Smooth unit-variance noise of ``length`` samples, correlation length ~``scale``."""
+    scale = max(float(scale), 1.0)
+    k = int(length / scale) + 5
+    knots = rng.standard_normal((1, k)).astype(np.float32)
+    up = cv2.resize(knots, (int(k * scale), 1), interpolation=cv2.INTER_CUBIC)[0]
+    off = int(1.5 * scale)
+    out = up[off : off + length].astype(np.float64)
+    return (out - out.mean()) / (out.std() + 1e-6)
+
+
+def _smooth_2d(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Smooth unit-variance 2-D noise, correlation length ~``scale`` samples."""
+    scale = max(float(scale), 1.0)
+    h, w = shape
+    kh, kw = int(h / scale) + 5, int(w / scale) + 5
+    knots = rng.standard_normal((kh, kw)).astype(np.float32)
+    up = cv2.resize(knots, (int(kw * scale), int(kh * scale)), interpolation=cv2.INTER_CUBIC)
+    off = int(1.5 * scale)
+    out = up[off : off + h, off : off + w]
+    return ((out - out.mean()) / (out.std() + 1e-6)).astype(np.float32)
+
+
+def _sample_field(geo: _Geometry, name: str, x0: int, y0: int, n: int) -> np.ndarray:
+    """The n x n window of a smooth region field whose top-left pixel is (x0, y0)."""
+    s = _FIELD_STEP
+    m = np.float64([[1 / s, 0, (x0 + geo.pad) / s], [0, 1 / s, (y0 + geo.pad) / s]])
+    return cv2.warpAffine(
+        geo.fields[name],
+        m,
+        (n, n),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+def _inside(geo: _Geometry, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Section (tissue) mask on the grid xs x ys, without the fine surface wobble."""
+    ix, iy = xs + geo.pad, ys + geo.pad
+    ok = ys[:, None] >= geo.top[ix][None, :]
+    if geo.bottom is not None:
+        ok &= ys[:, None] <= geo.bottom[ix][None, :]
+    if geo.side == "right":
+        ok &= xs[None, :] <= geo.edge[iy][:, None]
+    elif geo.side == "left":
+        ok &= xs[None, :] >= geo.edge[iy][:, None]
+    return ok
+
+
+def _draw_geometry(
+    rng: np.random.Generator, width: int, height: int, rows: int, cols: int, tile: int, mpp: float
+) -> _Geometry:
+    """One random section outline: skin surface on top, optional deep and side cut edges."""
+    pad = REGION_FEATHER + 8
+    nx, ny = cols * tile + 2 * pad, rows * tile + 2 * pad
+    big = max(width, height)
+    ppu = 1.0 / mpp
+    # skin surface, gently undulating, with glass above it
+    top = (
+        height * rng.uniform(0.04, 0.16)
+        + height * rng.uniform(0.015, 0.05) * _smooth_1d(rng, nx, big / 2.5)
+        + ppu * rng.uniform(4, 12) * _smooth_1d(rng, nx, ppu * 120)
+    )
+    slope = np.gradient(top)
+    bottom = side = edge = None
+    if rng.random() < 0.55:  # the deep cut edge of the section (through fat or dermis)
+        bottom = (
+            height * rng.uniform(0.68, 0.95)
+            + height * 0.05 * _smooth_1d(rng, nx, big / 3)
+            + ppu * rng.uniform(8, 30) * _smooth_1d(rng, nx, ppu * 80)
+        )
+    if rng.random() < 0.5:  # one end of the section
+        side = "right" if rng.random() < 0.5 else "left"
+        e0 = rng.uniform(0.68, 0.92)
+        wave = width * 0.05 * _smooth_1d(rng, ny, big / 3) + ppu * rng.uniform(8, 30) * _smooth_1d(
+            rng, ny, ppu * 80
+        )
+        edge = (width * e0 + wave) if side == "right" else (width * (1 - e0) + wave)
+    s = _FIELD_STEP
+    shape = (ny // s + 3, nx // s + 3)
+    fields = {
+        "wobble": _smooth_2d(rng, shape, ppu * 25 / s),  # fine undulation of the layers
+        "deep": _smooth_2d(rng, shape, ppu * 40 / s),
+        "lobes": _smooth_2d(rng, shape, ppu * 160 / s),  # lobules of the subcutis boundary
+        "thick": _smooth_2d(rng, shape, ppu * 30 / s),  # section thickness
+        "light": _smooth_2d(rng, shape, ppu * 400 / s),  # uneven illumination
+        "collagen": _smooth_2d(rng, shape, ppu * 300 / s),  # denser and looser dermis
+        "septa": _smooth_2d(rng, shape, ppu * 250 / s),  # fat lobules: septa at zero crossings
+    }
+    keratin, epidermis = rng.uniform(5, 14), rng.uniform(22, 40)
+    lo = np.clip(top[pad : pad + width], 0, height)
+    hi = np.full(width, float(height)) if bottom is None else bottom[pad : pad + width]
+    thickness_um = float(np.median(np.clip(hi - lo, 0, None))) * mpp
+    dej = keratin + epidermis
+    layers = {
+        "keratin": keratin,
+        "epidermis": epidermis,
+        "papillary": rng.uniform(20, 45),
+        "subcutis": dej + 60 + rng.uniform(0.3, 0.65) * max(thickness_um - dej - 60, 0),
+        "wobble": rng.uniform(2, 6),
+        "deep": rng.uniform(8, 25),
+        "lobes": rng.uniform(20, 60),
+        "septa": rng.uniform(0.03, 0.06),  # septum half-width, in units of the septa field
+    }
+    return _Geometry(pad, top, 1 / np.sqrt(1 + slope**2), slope, bottom, side, edge, fields, layers)
+
+
+def _tile_fractions(
+    geo: _Geometry, width: int, height: int, rows: int, cols: int, tile: int, mpp: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per tile: tissue fraction, below-epidermis fraction, and whether it is surely glass."""
+    step = 8
+    xs, ys = np.arange(0, width, step), np.arange(0, height, step)
+    inside = _inside(geo, xs, ys)
+    depth_um = (ys[:, None] - geo.top[xs + geo.pad][None, :]) * mpp
+    dej = geo.layers["keratin"] + geo.layers["epidermis"]
+    deep = inside & (depth_um > dej + 15)
+    # the fine wobble moves the outline by a few um: a tile is glass only if
+    # no tissue lies within two lattice steps of it
+    near = cv2.dilate(inside.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    tissue = np.zeros((rows, cols))
+    deep_frac = np.zeros((rows, cols))
+    blank = np.zeros((rows, cols), bool)
+    k = tile // step
+    for r in range(rows):
+        for c in range(cols):
+            win = (slice(r * k, (r + 1) * k), slice(c * k, (c + 1) * k))
+            tissue[r, c] = inside[win].mean()
+            deep_frac[r, c] = deep[win].mean()
+            blank[r, c] = not near[win].any()
+    return tissue, deep_frac, blank
+
+
+def _assign_classes(
+    rng: np.random.Generator,
+    deep_frac: np.ndarray,
+    blank: np.ndarray,
+    classes: tuple[str, ...],
+) -> list[list[str]]:
+    """Mostly normal tissue; deposits as small lesions of 1-3 neighbouring tiles.
+
+    Every requested class gets at least one lesion when there are enough tiles
+    with room below the epidermis; about a fifth of those tiles carry deposits.
+    """
+    rows, cols = deep_frac.shape
+    grid = [[GLASS if blank[r, c] else "normal" for c in range(cols)] for r in range(rows)]
+    eligible = {(r, c) for r in range(rows) for c in range(cols) if deep_frac[r, c] >= 0.6}
+    if not classes or not eligible:
+        return grid
+    target = min(len(eligible), max(len(classes), round(rng.uniform(0.15, 0.3) * len(eligible))))
+    order = [classes[i] for i in rng.permutation(len(classes))]
+    placed, lesion = 0, 0
+    while placed < target and eligible:
+        label = order[lesion % len(order)]
+        lesion += 1
+        start = sorted(eligible)[int(rng.integers(len(eligible)))]
+        cells, size = [start], int(rng.integers(1, 4))
+        eligible.discard(start)
+        # leave room for the classes that have not had a lesion yet
+        unseen = max(0, len(order) - lesion)
+        while len(cells) < size and placed + len(cells) + unseen < target:
+            r, c = cells[int(rng.integers(len(cells)))]
+            nbrs = [p for p in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)) if p in eligible]
+            if not nbrs:
+                break
+            nxt = nbrs[int(rng.integers(len(nbrs)))]
+            eligible.discard(nxt)
+            cells.append(nxt)
+        for r, c in cells:
+            grid[r][c] = label
+        placed += len(cells)
+    return grid
+
+
+def _check_region_args(width: int, height: int, tile: int, mpp: float, classes) -> tuple:
+    for name, v in (("width", width), ("height", height)):
+        if int(v) != v or v < REGION_MIN_SIDE:
+            raise ConfigError(f"region {name} must be an integer >= {REGION_MIN_SIDE}, got {v}")
+    if width * height > REGION_MAX_PIXELS:
+        raise ConfigError(
+            f"region {width}x{height} is too large ({width * height / 1e6:.0f} Mpx; "
+            f"at most {REGION_MAX_PIXELS / 1e6:.0f} Mpx): render several smaller regions"
+        )
+    if int(tile) != tile or tile < 32:
+        raise ConfigError(f"region tile must be an integer >= 32 pixels, got {tile}")
+    if not mpp > 0:
+        raise ConfigError(f"mpp must be > 0, got {mpp}")
+    classes = DEPOSIT_CLASSES if classes is None else tuple(classes)
+    for c in classes:
+        if c not in DEPOSIT_CLASSES:
+            raise ConfigError(
+                f"unknown deposit class {c!r} for a region; choose from "
+                f"{', '.join(DEPOSIT_CLASSES)} (normal tissue is always there)"
+            )
+    return tuple(dict.fromkeys(classes))
+
+
+def plan_region(
+    width: int,
+    height: int,
+    seed: int = 0,
+    tile: int = 256,
+    mpp: float = NOMINAL_MPP,
+    classes: Sequence[str] | None = None,
+) -> RegionPlan:
+    """Lay out a synthetic region: section outline, layers and the class of every tile.
+
+    The section has its skin surface near the top (glass above it), and often
+    a deep cut edge and one end in view, so every region of at least 2 x 2
+    tiles has whole tiles of bare glass as well as tissue. Deterministic in
+    its arguments; the stain is chosen at rendering.
+    """
+    classes = _check_region_args(width, height, tile, mpp, classes)
+    width, height, tile = int(width), int(height), int(tile)
+    rows, cols = -(-height // tile), -(-width // tile)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, width, height, tile, 0x5EC7, 1])
+    need_blank = rows >= 2 and cols >= 2
+    for _attempt in range(24):
+        geo = _draw_geometry(rng, width, height, rows, cols, tile, mpp)
+        tissue, deep_frac, blank = _tile_fractions(geo, width, height, rows, cols, tile, mpp)
+        if (blank.any() or not need_blank) and 0.35 <= tissue.mean() <= 0.9:
+            break
+    else:
+        # rare: cut the section short on the right so the last column is glass
+        wave = width * 0.03 * _smooth_1d(rng, rows * tile + 2 * geo.pad, max(width, height) / 3)
+        geo.side, geo.edge = "right", (cols - 1) * tile - 24 - wave.max() + wave
+        tissue, deep_frac, blank = _tile_fractions(geo, width, height, rows, cols, tile, mpp)
+    grid = _assign_classes(rng, deep_frac, blank, classes)
+    return RegionPlan(width, height, int(seed), tile, float(mpp), classes, grid, tissue, geo)
+
+
+# state of a region being rendered, set in each worker process by _init_region_worker
+_REGION_STATE: dict = {}
+
+
+def _init_region_worker(state: dict) -> None:
+    cv2.setNumThreads(1)
+    _REGION_STATE.clear()
+    _REGION_STATE.update(state)
+
+
+def _region_tile_context(plan: RegionPlan, lab: dict, r: int, c: int, n: int) -> _TileContext:
+    """Cut tile (r, c), with its feather margin, out of the region's layers and fields."""
+    geo, lay, mpp = plan.geometry, plan.geometry.layers, plan.mpp
+    m = (n - plan.tile) // 2
+    x0, y0 = c * plan.tile - m, r * plan.tile - m
+    xs, ys = np.arange(x0, x0 + n), np.arange(y0, y0 + n)
+    ix = xs + geo.pad
+    vertical = ys[:, None] - geo.top[ix][None, :]
+    depth = vertical * (geo.top_cos[ix] * mpp)[None, :]
+    depth = (depth + lay["wobble"] * _sample_field(geo, "wobble", x0, y0, n)).astype(np.float32)
+    deep = (
+        depth
+        + lay["lobes"] * _sample_field(geo, "lobes", x0, y0, n)
+        + lay["deep"] * _sample_field(geo, "deep", x0, y0, n)
+    )
+    outside = np.zeros((n, n), bool)
+    if geo.bottom is not None:
+        outside |= ys[:, None] > geo.bottom[ix][None, :]
+    if geo.side == "right":
+        outside |= xs[None, :] > geo.edge[ys + geo.pad][:, None]
+    elif geo.side == "left":
+        outside |= xs[None, :] < geo.edge[ys + geo.pad][:, None]
+    thick = lab["thickness"] * (1 + 0.07 * _sample_field(geo, "thick", x0, y0, n))
+    light = lab["background"] * (1 + 0.006 * _sample_field(geo, "light", x0, y0, n))
+    return _TileContext(
+        depth=depth,
+        depth_deep=deep.astype(np.float32),
+        outside=outside,
+        theta=math.atan2(1.0, -float(geo.top_slope[ix[n // 2]])),
+        keratin=lay["keratin"],
+        epidermis=lay["epidermis"],
+        papillary=lay["papillary"],
+        subcutis=lay["subcutis"],
+        lab=lab,
+        thickness=thick.astype(np.float32),
+        light=light.astype(np.float32),
+        collagen=np.clip(0.8 + 0.1 * _sample_field(geo, "collagen", x0, y0, n), 0.55, 1.05),
+        septa=_smoothstep(lay["septa"] - np.abs(_sample_field(geo, "septa", x0, y0, n)), 0, 0.02),
+        margin=m,
+    )
+
+
+def _render_region_tile(job: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Render tile (r, c) of the region in _REGION_STATE, feather margin included."""
+    r, c = job
+    st = _REGION_STATE
+    plan: RegionPlan = st["plan"]
+    label = plan.grid[r][c]
+    label = "normal" if label == GLASS else label
+    n = plan.tile + REGION_FEATHER
+    ctx = _region_tile_context(plan, st["lab"], r, c, n)
+    seed = patch_seed(plan.seed, r * plan.cols + c)
+    ci = CLASS_NAMES.index(label)
+    return _render_scene(label, st["stain"], ci, st["si"], seed, n, st["shift"], plan.mpp, ctx)
+
+
+def _feather(n: int, m: int, first: bool, last: bool) -> np.ndarray:
+    """Weights along one axis of a tile with margin ``m``: ramps where neighbours overlap.
+
+    Rising and falling ramps are mirror images of a smoothstep, so a pixel's
+    weights from the two tiles that cover it always add up to one.
+    """
+    w = np.ones(n, np.float32)
+    t = (np.arange(2 * m, dtype=np.float32) + 0.5) / (2 * m)
+    ramp = t * t * (3 - 2 * t)
+    if not first:
+        w[: 2 * m] = ramp
+    if not last:
+        w[n - 2 * m :] = ramp[::-1]
+    return w
+
+
+def render_plan(
+    plan: RegionPlan, stain: str = "he", shift: float = 0.0, *, workers: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render a :class:`RegionPlan` in one stain: (RGB uint8 HxWx3, labels uint8 HxW).
+
+    Tiles are rendered with a margin and cross-faded with their neighbours
+    over :data:`REGION_FEATHER` px; each pixel's label comes from the tile
+    whose weight dominates there (the tile's own cell). Only one row of tiles
+    is held as floats at a time, so memory stays close to the output's size.
+    """
+    if stain not in STAIN_NAMES:
+        raise ConfigError(f"unknown stain {stain!r}; choose one of {', '.join(STAIN_NAMES)}")
+    if shift < 0:
+        raise ConfigError(f"shift must be >= 0, got {shift}")
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0 = all cores), got {workers}")
+    si = STAIN_NAMES.index(stain)
+    # one staining run and one scanner for the whole region
+    lab_rng = np.random.default_rng([plan.seed & 0xFFFFFFFF, si, 0x5EC7, 2])
+    lab = _lab_settings(lab_rng, float(shift))
+    state = {"plan": plan, "lab": lab, "stain": stain, "si": si, "shift": float(shift)}
+    width, height, tile = plan.width, plan.height, plan.tile
+    rows, cols = plan.rows, plan.cols
+    m = REGION_FEATHER // 2
+    n = tile + 2 * m
+    rgb = np.empty((height, width, 3), np.uint8)
+    labels = np.empty((height, width), np.uint8)
+    # accumulator for one row of tiles: region rows [y0 - m, y0 + tile + m), columns from -m
+    acc = np.zeros((n, cols * tile + 2 * m, 3), np.float32)
+    jobs = [(r, c) for r in range(rows) for c in range(cols)]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs) // 8))
+
+    def flush(rows_acc: np.ndarray, y_first: int) -> None:
+        y0, y1 = max(y_first, 0), min(y_first + len(rows_acc), height)
+        if y1 > y0:
+            part = rows_acc[y0 - y_first : y1 - y_first, m : m + width]
+            np.clip(part + 0.5, 0, 255, out=part)
+            rgb[y0:y1] = part
+
+    def consume(results) -> None:
+        for (r, c), (img, lab_map) in zip(jobs, results, strict=True):
+            wy = _feather(n, m, r == 0, r == rows - 1)
+            wx = _feather(n, m, c == 0, c == cols - 1)
+            acc[:, c * tile : c * tile + n] += img * (wy[:, None] * wx[None, :])[:, :, None]
+            y0, x0 = r * tile, c * tile
+            h, w = min(tile, height - y0), min(tile, width - x0)
+            labels[y0 : y0 + h, x0 : x0 + w] = lab_map[m : m + h, m : m + w]
+            if c == cols - 1:  # row of tiles done: its upper part is final
+                flush(acc[:tile], y0 - m)
+                acc[: 2 * m] = acc[tile:]
+                acc[2 * m :] = 0
+        flush(acc[: 2 * m], rows * tile - m)
+
+    with _cv2_single_thread():
+        if workers == 1:
+            _init_region_worker(state)
+            try:
+                consume(map(_render_region_tile, jobs))
+            finally:
+                _REGION_STATE.clear()
+        else:
+            with mp.get_context().Pool(
+                workers, initializer=_init_region_worker, initargs=(state,)
+            ) as pool:
+                consume(pool.imap(_render_region_tile, jobs, chunksize=max(1, cols // 4)))
+    return rgb, labels
+
+
+def render_region(
+    width: int,
+    height: int,
+    seed: int = 0,
+    stain: str = "he",
+    shift: float = 0.0,
+    tile: int = 256,
+    mpp: float = NOMINAL_MPP,
+    classes: Sequence[str] | None = None,
+    *,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A large synthetic region, like one exported from a slide: (RGB uint8, labels uint8).
+
+    A mosaic of generator tiles (``tile`` px) over one section: skin surface,
+    dermis and subcutis run on from tile to tile, mostly normal tissue with
+    small lesions of the deposit ``classes`` (default: all four), and bare
+    glass above the surface and beyond the section's cut edges (label 0).
+    Deterministic in its arguments, whatever ``workers``; see
+    :func:`plan_region` for the layout and :func:`render_plan` for rendering.
+    """
+    plan = plan_region(width, height, seed, tile, mpp, classes)
+    return render_plan(plan, stain, shift, workers=workers)
+
+
+_REGION_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+def parse_region_size(text: str) -> tuple[int, int]:
+    """``"2048x1024"`` -> (2048, 1024); a clear ConfigError for anything else."""
+    match = _REGION_RE.match(str(text))
+    if not match:
+        raise ConfigError(
+            f"--region must be WIDTHxHEIGHT in pixels, for example --region 2048x2048; got {text!r}"
+        )
+    width, height = int(match[1]), int(match[2])
+    if min(width, height) < REGION_MIN_SIDE:
+        raise ConfigError(
+            f"--region {text}: each side must be at least {REGION_MIN_SIDE} pixels, "
+            "for example --region 2048x2048"
+        )
+    if width * height > REGION_MAX_PIXELS:
+        raise ConfigError(
+            f"--region {text} is too large (at most {REGION_MAX_PIXELS / 1e6:.0f} Mpx, "
+            "e.g. --region 16384x16384); render several smaller regions"
+        )
+    return width, height
+
+
+def region_metadata(plan: RegionPlan, stain: str, shift: float) -> dict:
+    """What a region's JSON side-car records: enough to regenerate it and to score on it."""
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "width": plan.width,
+        "height": plan.height,
+        "mpp": plan.mpp,
+        "stain": stain,
+        "seed": plan.seed,
+        "shift": float(shift),
+        "tile": plan.tile,
+        "rows": plan.rows,
+        "cols": plan.cols,
+        "deposit_classes": list(plan.classes),
+        "tile_classes": plan.grid,
+        "tile_tissue_fraction": [[round(float(v), 3) for v in row] for row in plan.tissue],
+        "label_values": {name: i for i, name in enumerate(DEPOSIT_LABELS)},
+    }
+
+
+def _grid_json(meta: dict) -> str:
+    """JSON with one line per key, and one line per row for the tile grids (readable at 32 x 32)."""
+    parts = []
+    for key, value in meta.items():
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            rows = ",\n".join(f"    {json.dumps(row)}" for row in value)
+            parts.append(f"  {json.dumps(key)}: [\n{rows}\n  ]")
+        else:
+            parts.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def _write_region_png(path: Path, image: np.ndarray) -> None:
+    """Write a large region (RGB or labels) as PNG, atomically, without a second copy in memory.
+
+    RGB pixels are swapped to OpenCV's BGR order in place, a band of rows at
+    a time (the array is spent afterwards; ``cv2.cvtColor`` would clone the
+    whole image first), and libpng streams the rows to disk, where a PIL
+    image would hold another 4 bytes per pixel.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image.ndim == 3:
+        for y in range(0, image.shape[0], 256):
+            band = image[y : y + 256]
+            band[...] = band[..., ::-1]
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise DataError(
+                f"could not write {path} (OpenCV imwrite failed; is the folder writable?)"
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_synth_region(args, region: str, stain: str) -> int:
+    width, height = parse_region_size(region)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(
+            f"with --region, --out is the PNG file to write (e.g. --out region.png); got {args.out!r}"
+        )
+    if stain not in STAIN_NAMES:
+        raise ConfigError(f"unknown --stain {stain!r}; choose one of {', '.join(STAIN_NAMES)}")
+    plan = plan_region(width, height, args.seed)
+    rgb, labels = render_plan(plan, stain, args.shift, workers=args.workers)
+    labels_path = out.with_name(f"{out.stem}_labels.png")
+    json_path = out.with_suffix(".json")
+    _write_region_png(out, rgb)
+    del rgb
+    _write_region_png(labels_path, labels)
+    # the JSON side-car last: its presence means the region is complete
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(_grid_json(region_metadata(plan, stain, args.shift)))
+    os.replace(tmp, json_path)
+    n_dep = sum(cell in DEPOSIT_CLASSES for row in plan.grid for cell in row)
+    n_glass = sum(cell == GLASS for row in plan.grid for cell in row)
+    print(
+        f"wrote {out} ({width}x{height} px, {plan.mpp} um/px, {stain}; {plan.rows}x{plan.cols} "
+        f"tiles of {plan.tile} px: {n_dep} with deposits, {n_glass} bare glass), "
+        f"{labels_path.name} and {json_path.name}"
+    )
+    return 0
+
+
 def run_synth(args) -> int:
-    """``calcinosis synth``: generate a dataset (and optionally a contact sheet)."""
+    """``calcinosis synth``: a patch dataset (and optionally a contact sheet), or with
+    ``--region WxH`` one large region PNG with its label map and JSON side-car."""
+    region = getattr(args, "region", None)
+    stain = getattr(args, "stain", None)
+    if region is not None:
+        return _run_synth_region(args, region, stain or "he")
+    if stain is not None:
+        raise ConfigError("--stain applies only with --region (a dataset holds all three stains)")
     manifest = generate_dataset(
         args.out,
         args.n_per_class_stain,
