@@ -1,0 +1,435 @@
+"""Training loop: run folder, resume (clean and after a kill), NaN, DDP, evaluation.
+
+Runs use the committed 64 px fixture set (5 classes x 3 stains x 2 patches),
+timm's resnet10t and one or two optimizer steps per epoch: seconds each.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import calcinosis.training.train as T
+from calcinosis.model import (
+    ConfigError,
+    TrainingError,
+    load_checkpoint,
+    read_checkpoint_metadata,
+)
+from calcinosis.model.checkpoint import load_safetensors
+from calcinosis.training.config import config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CI_CONFIG = REPO / "configs" / "ci.yaml"
+METADATA_KEYS = {
+    "format_version", "package_version", "model", "config", "class_names", "stain_names",
+    "deposit_labels", "input_size", "mean", "std", "mpp", "temperature",
+    "indeterminate_threshold", "min_tissue_fraction", "epoch", "metrics",
+}  # fmt: skip
+TIMING_COLUMNS = {"images_per_s", "seconds"}
+
+
+@pytest.fixture(scope="session")
+def train_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed fixture manifest; generated the same way if it is not there yet."""
+    committed = sorted((REPO / "tests" / "fixtures").rglob("manifest.csv"))
+    if committed:
+        return committed[0]
+    from calcinosis.training.synthetic import make_fixtures
+
+    return Path(make_fixtures(tmp_path_factory.mktemp("fixtures")))
+
+
+def make_cfg(manifest: Path, out: Path, *overrides: str):
+    base = [
+        "data.source=manifest",
+        f"data.manifest={manifest}",
+        f"output_dir={out}",
+        "train.max_steps_per_epoch=2",
+        "train.batch_size=4",
+    ]
+    return load_config(CI_CONFIG, [*base, *overrides])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors(path)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=f"{k} differs")
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / T.METRICS_FILE, newline="") as fh:
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def one_step_run(train_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "one_step"
+    cfg = make_cfg(train_manifest, out, "train.max_steps_per_epoch=1")
+    assert T.train(cfg) == out
+    return out
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+def test_one_step_run_writes_complete_run_folder(one_step_run: Path, train_manifest: Path) -> None:
+    run = one_step_run
+    for name in ("config.yaml", "metrics.csv", "last.safetensors", "best.safetensors", "state.pt",
+                 "calibration.json"):  # fmt: skip
+        assert (run / name).is_file(), name
+
+    saved = load_config(run / "config.yaml")
+    assert saved.output_dir == str(run)
+    assert saved.data.manifest == str(train_manifest)
+
+    rows = list(csv.DictReader(open(run / "metrics.csv", newline="")))
+    assert len(rows) == 1 and list(rows[0]) == list(T.METRICS_COLUMNS)
+    assert rows[0]["epoch"] == "1"
+    assert np.isfinite(float(rows[0]["train_loss"])) and float(rows[0]["images_per_s"]) > 0
+
+    cal = json.loads((run / "calibration.json").read_text())
+    for name in ("best.safetensors", "last.safetensors"):
+        meta = read_checkpoint_metadata(run / name)
+        assert METADATA_KEYS <= set(meta)
+        assert meta["input_size"] == 64 and meta["mpp"] == 0.5
+        assert meta["epoch"] == 1 and meta["model"]["backbone"] == "resnet10t"
+        assert meta["config"] == config_to_dict(saved)
+        assert meta["class_names"][0] == "calcinosis_cutis" and len(meta["stain_names"]) == 3
+        assert meta["temperature"] == pytest.approx(cal["temperature"])
+        assert "val_macro_f1" in meta["metrics"]
+
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    assert state["run"]["epoch"] == 1 and state["run"]["global_step"] == 1
+    model, _ = load_checkpoint(run / "last.safetensors")
+    out = model(torch.zeros(1, 3, 64, 64))
+    assert out["deposit_logits"].shape == (1, 5, 64, 64)
+
+
+def test_existing_run_needs_resume(one_step_run: Path, train_manifest: Path) -> None:
+    cfg = make_cfg(train_manifest, one_step_run, "train.max_steps_per_epoch=1")
+    with pytest.raises(ConfigError, match="--resume"):
+        T.train(cfg)
+
+
+def test_resume_rejects_a_changed_config(one_step_run: Path, train_manifest: Path) -> None:
+    cfg = make_cfg(train_manifest, one_step_run, "train.max_steps_per_epoch=1", "train.lr=0.5")
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        T.train(cfg, resume=True)
+
+
+def test_resume_with_nothing_to_resume(tmp_path: Path, train_manifest: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        T.train(make_cfg(train_manifest, tmp_path / "empty"), resume=True)
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, phase: str, n: int) -> None:
+    """Send ourselves SIGINT (a real Ctrl-C) in the n-th loss computation of a phase."""
+    original = T.MultiTaskLoss.forward
+    calls = {"train": 0, "val": 0}
+
+    def forward(self, out, batch):
+        key = "train" if torch.is_grad_enabled() else "val"
+        calls[key] += 1
+        if key == phase and calls[key] == n:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, out, batch)
+
+    monkeypatch.setattr(T.MultiTaskLoss, "forward", forward)
+
+
+@pytest.mark.parametrize(
+    ("phase", "n", "saved_at"),
+    [("train", 3, (1, 1, 3)), ("train", 2, (0, 2, 2)), ("val", 1, (1, 0, 2))],
+    ids=["mid-epoch", "last-step", "validation"],
+)
+def test_ctrl_c_then_resume_matches_uninterrupted_run(
+    phase: str,
+    n: int,
+    saved_at: tuple[int, int, int],
+    tmp_path: Path,
+    train_manifest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2 epochs of 2 steps; the run stops at a step boundary and saves exactly there.
+    straight = tmp_path / "straight"
+    T.train(make_cfg(train_manifest, straight, "train.epochs=2"))
+
+    resumed = tmp_path / "resumed"
+    cfg = make_cfg(train_manifest, resumed, "train.epochs=2")
+    with monkeypatch.context() as m:
+        _interrupt_at(m, phase, n)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg)
+    run = torch.load(resumed / "state.pt", weights_only=True)["run"]
+    assert (run["epoch"], run["step_in_epoch"], run["global_step"]) == saved_at
+
+    T.train(cfg, resume=True)
+    assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
+    assert_same_weights(straight / "best.safetensors", resumed / "best.safetensors")
+    assert metrics_rows(straight) == metrics_rows(resumed)
+    assert read_checkpoint_metadata(resumed / "last.safetensors")["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_result_does_not_depend_on_worker_count(tmp_path: Path, train_manifest: Path) -> None:
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        T.train(make_cfg(train_manifest, out, f"data.num_workers={workers}", "calibrate=false"))
+        runs[workers] = out
+    assert_same_weights(runs[0] / "last.safetensors", runs[2] / "last.safetensors")
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_without_a_new_checkpoint(
+    tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "nan"
+    cfg = make_cfg(train_manifest, out, "train.epochs=2")
+    original = T.MultiTaskLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, out_, batch):
+        loss, parts = original(self, out_, batch)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3:  # first step of epoch 2
+                loss = loss * float("nan")
+        return loss, parts
+
+    snapshot = {}
+
+    def remember(path, history):
+        T._atomic_write_bytes(path, b"")
+        snapshot.update({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
+        snapshot["state.pt"] = (out / "state.pt").read_bytes()
+
+    monkeypatch.setattr(T.MultiTaskLoss, "forward", forward)
+    monkeypatch.setattr(T, "write_metrics_csv", remember)
+    with pytest.raises(TrainingError, match=r"epoch 2, step 1.*train\.lr"):
+        T.train(cfg)
+    assert snapshot  # epoch 1 was saved ...
+    for name, data in snapshot.items():  # ... and nothing was written after the NaN
+        assert (out / name).read_bytes() == data, name
+    assert not (out / "calibration.json").exists()
+
+
+def test_loss_without_any_mask_or_stain_is_zero_not_nan() -> None:
+    logits = torch.randn(2, 5, 8, 8, requires_grad=True)
+    target = torch.full((2, 8, 8), T.IGNORE_INDEX)
+    ce = T.masked_cross_entropy(logits, target)
+    dice = T.soft_dice_loss(logits, target)
+    (ce + dice).backward()
+    assert ce.item() == 0 and dice.item() == 0
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() == 0
+
+
+def test_soft_dice_rewards_overlap_and_punishes_false_deposits() -> None:
+    def logits(labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(labels, 5).permute(0, 3, 1, 2).float() * 20
+
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[:, 2:6, 2:6] = 1  # a calcium deposit
+    missed = torch.zeros_like(target)
+    false_bone = target.clone()
+    false_bone[:, 0, :] = 2
+    perfect = T.soft_dice_loss(logits(target), target)
+    assert perfect < 0.01
+    assert T.soft_dice_loss(logits(missed), target) > 0.2  # 1 of 4 deposit labels fully missed
+    assert T.soft_dice_loss(logits(false_bone), target) > perfect + 0.2
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_epoch_sampler_shards_one_shared_order() -> None:
+    labels = [0] * 30 + [1] * 5 + [2] * 5
+    kw = dict(weighted=True, seed=3, items_per_epoch=20, world_size=2)
+    ranks = [T.EpochSampler(labels, rank=r, **kw) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(4)
+    order = ranks[0].epoch_order(4)
+    assert order == ranks[1].epoch_order(4)  # every rank draws the same weighted order
+    got = [list(s) for s in ranks]
+    assert [i for i, _ in got[0]] == order[0::2] and [i for i, _ in got[1]] == order[1::2]
+    assert len({seed for part in got for _, seed in part}) == 40  # one augmentation seed each
+    # class balance: the minority classes are drawn far above their 12.5 % share
+    assert np.mean(np.asarray(order) >= 30) > 0.4
+    ranks[0].set_epoch(4, start=6)
+    assert list(ranks[0]) == got[0][6:]
+    ranks[0].set_epoch(5)
+    assert ranks[0].epoch_order(5) != order
+
+
+def test_warmup_then_cosine_to_floor() -> None:
+    f = T.warmup_cosine(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx((1 + T.LR_FLOOR) / 2, abs=1e-6)
+    assert f(100) == pytest.approx(T.LR_FLOOR) and f(500) == pytest.approx(T.LR_FLOOR)
+    assert all(f(i) >= f(i + 1) for i in range(10, 120))
+
+
+def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
+    T.seed_everything(5)
+    state = T.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (np.random.rand(), torch.rand(2), __import__("random").random())
+    T.seed_everything(99)
+    T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (np.random.rand(), torch.rand(2), __import__("random").random())
+    assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_auto_precision_is_fp32_on_cpus_without_native_bf16() -> None:
+    cpu = torch.device("cpu")
+    assert T.resolve_amp_dtype("fp32", cpu) is None
+    assert T.resolve_amp_dtype("bf16", cpu) is torch.bfloat16
+    expected = torch.bfloat16 if T.cpu_has_native_bf16() else None
+    assert T.resolve_amp_dtype("auto", cpu) is expected
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_writes_report_with_baseline_and_comparison(
+    one_step_run: Path, train_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from calcinosis.inference.cli import main
+
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--checkpoint", str(one_step_run / "best.safetensors"),
+               "--data", str(train_manifest), "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    n_test = sum(r["split"] == "test" for r in csv.DictReader(open(train_manifest, newline="")))
+    assert m["n_samples"] == n_test
+    assert m["temperature"] == pytest.approx(
+        read_checkpoint_metadata(one_step_run / "best.safetensors")["temperature"]
+    )
+    assert m["headline"]["baseline_macro_f1"] is not None
+    for name in ("report.md", "confusion_matrix.png", "reliability.png", "roc.png"):
+        assert (out / name).is_file()
+    assert "report:" in capsys.readouterr().out
+
+    shifted = tmp_path / "all"
+    rc = main(["evaluate", "--checkpoint", str(one_step_run / "best.safetensors"),
+               "--data", str(train_manifest), "--split", "all", "--out", str(shifted),
+               "--no-baseline", "--reference", str(out / "metrics.json")])  # fmt: skip
+    assert rc == 0
+    m2 = json.loads((shifted / "metrics.json").read_text())
+    assert m2["n_samples"] == sum(1 for _ in csv.DictReader(open(train_manifest, newline="")))
+    assert m2["headline"]["baseline_macro_f1"] is None
+    assert "reference" in (shifted / "report.md").read_text()
+
+
+def test_evaluate_unknown_split_is_a_clear_error(one_step_run: Path, train_manifest: Path) -> None:
+    from calcinosis.model import DataError
+    from calcinosis.training.evaluate import evaluate_checkpoint
+
+    with pytest.raises(DataError, match="--split all"):
+        evaluate_checkpoint(one_step_run / "best.safetensors", train_manifest, split="holdout")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "calcinosis.inference.cli", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _overrides(manifest: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "data.source=manifest", f"data.manifest={manifest}", f"output_dir={out}",
+        "train.batch_size=4", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path, train_manifest: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "calcinosis.inference.cli", "train", "--config", str(CI_CONFIG),
+           *_overrides(train_manifest, out, "train.epochs=2", "train.max_steps_per_epoch=2")]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = json.loads((out / T.DDP_CHECK_FILE).read_text())
+    assert check["world_size"] == 2
+    rank0, rank1 = check["parameter_sha256"]
+    assert rank0 == rank1
+    model, _ = load_checkpoint(out / "last.safetensors")
+    assert T.parameter_checksum(model) == rank0
+    assert "2 processes" in proc.stdout
+    assert len(metrics_rows(out)) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches(tmp_path: Path, train_manifest: Path) -> None:
+    extra = ("train.epochs=2", "train.max_steps_per_epoch=4", "train.batch_size=2",
+             "train.checkpoint_every_steps=1", "calibrate=false")  # fmt: skip
+    straight = tmp_path / "straight"
+    killed = tmp_path / "killed"
+    args = ["train", "--config", str(CI_CONFIG)]
+    subprocess.run(_cli(*args, *_overrides(train_manifest, straight, *extra)), env=_env(),
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+
+    proc = subprocess.Popen(_cli(*args, *_overrides(train_manifest, killed, *extra)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                run = torch.load(killed / "state.pt", weights_only=True)["run"]
+            except Exception:  # not there yet
+                run = None
+            if run and run["global_step"] >= 2 and run["step_in_epoch"] > 0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    state = torch.load(killed / "state.pt", weights_only=True)["run"]
+    assert 0 < state["global_step"] < 8
+
+    resumed = subprocess.run(_cli(*args, *_overrides(train_manifest, killed, *extra), "--resume"),
+                             env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at epoch" in resumed.stdout
+    assert_same_weights(straight / "last.safetensors", killed / "last.safetensors")
+    assert metrics_rows(straight) == metrics_rows(killed)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"lrr": 0.1}}))
+    from calcinosis.inference.cli import main
+
+    assert main(["train", "--config", str(bad)]) == 2

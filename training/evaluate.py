@@ -1,0 +1,235 @@
+"""Evaluate a checkpoint on a manifest split and write the report.
+
+    calcinosis evaluate --checkpoint runs/demo/best.safetensors --data runs/demo/data/manifest.csv
+
+writes ``metrics.json``, ``report.md`` and the plots (confusion matrix,
+reliability diagram, ROC) to ``<checkpoint folder>/report``. The checkpoint
+alone decides the preprocessing (input size, mean/std, mpp) and the
+calibration temperature, exactly as inference will.
+
+To see how much a model loses in another lab, evaluate it on a shifted set and
+name the first report as the reference; the report then gets a comparison
+section:
+
+    calcinosis evaluate --checkpoint runs/demo/best.safetensors \\
+        --data runs/demo/shifted/manifest.csv --split all \\
+        --out runs/demo/report_shift --reference runs/demo/report/metrics.json
+
+The colour-histogram baseline (a logistic regression on colour alone, fitted
+on the same manifest's train split) is the yardstick for how much the network
+sees beyond colour; ``--no-baseline`` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from calcinosis.model import DataError, ImageReadError, load_checkpoint
+from torch.utils.data import DataLoader
+
+from . import metrics
+from .train import collect_outputs
+
+log = logging.getLogger(__name__)
+
+#: The colour baseline sees images shrunk to this side: colour histograms need
+#: no detail, and it keeps fitting fast on large manifests.
+BASELINE_SIZE = 64
+#: At most this many training images are read for the baseline (random, seeded).
+BASELINE_MAX_TRAIN = 3000
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    manifest: str | Path,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    baseline: bool = True,
+    *,
+    reference: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on the ``split`` rows of ``manifest`` ('all' = every row).
+
+    Returns the metrics dict written to ``<out_dir>/metrics.json``.
+    """
+    from .data import PatchDataset, read_manifest
+    from .transforms import build_eval_transform
+
+    checkpoint = Path(checkpoint)
+    out = Path(out_dir) if out_dir is not None else checkpoint.parent / "report"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    model, meta = load_checkpoint(checkpoint, dev)
+    class_names = list(meta["class_names"])
+    stain_names = list(meta["stain_names"])
+    deposit_labels = list(meta["deposit_labels"])
+
+    rows = read_manifest(manifest, class_names, stain_names)
+    samples = rows if split == "all" else [s for s in rows if s.split == split]
+    if not samples:
+        present = dict(Counter(s.split or "(none)" for s in rows))
+        raise DataError(
+            f"manifest '{manifest}' has no rows with split '{split}' (splits present: "
+            f"{present}); pass --split all to evaluate every row"
+        )
+
+    size = int(meta["input_size"])
+    mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    stain_normalize = (meta.get("config") or {}).get("augment", {}).get("stain_normalize", "none")
+    transform = build_eval_transform(size, mean, std, stain_normalize=stain_normalize)
+    dataset = PatchDataset(samples, class_names, stain_names, transform, mpp=meta.get("mpp"))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    outputs = collect_outputs(model, loader, dev, "fp32")
+    temperature = float(meta.get("temperature", 1.0))
+
+    baseline_probs = None
+    baseline_note = "skipped (--no-baseline)"
+    if baseline:
+        train_rows = [s for s in rows if s.split == "train"]
+        if len({s.label for s in train_rows}) < 2:
+            baseline_note = "skipped: the manifest has no train split with two or more classes"
+        else:
+            baseline_probs, baseline_note = _colour_baseline(
+                train_rows, [dataset.samples[i] for i in outputs["indices"]], class_names
+            )
+
+    title = f"{checkpoint.name} on {Path(manifest).name} ({split}, {len(samples)} patches)"
+    extra: dict[str, Any] = {
+        "Checkpoint and data": _provenance(checkpoint, meta, manifest, split, baseline_note)
+    }
+    if dataset.bad_files:
+        extra["Unreadable files (skipped)"] = dict(dataset.bad_files)
+    report_args = dict(
+        labels=outputs["labels"],
+        logits=outputs["class_logits"],
+        temperature=temperature,
+        stains=outputs["stains"],
+        stain_logits=outputs["stain_logits"],
+        pixel_conf=outputs["pixel_conf"],
+        class_names=class_names,
+        stain_names=stain_names,
+        deposit_labels=deposit_labels,
+        baseline_probs=baseline_probs,
+        title=title,
+    )
+    result = metrics.write_report(out, **report_args, extra=extra)
+    comparison = None
+    if reference is not None:
+        ref_path = Path(reference)
+        try:
+            ref = json.loads(ref_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"--reference {ref_path}: cannot read it as metrics.json ({exc})"
+            ) from None
+        comparison = metrics.compare_reports(ref, result)
+        extra[f"Compared with {ref_path}"] = metrics.comparison_markdown(
+            comparison, main_name="reference", shifted_name="this set"
+        )
+        result = metrics.write_report(out, **report_args, extra=extra)
+        result["comparison"] = comparison
+    _print_summary(result, out, comparison)
+    return result
+
+
+def _provenance(
+    checkpoint: Path, meta: dict[str, Any], manifest: Any, split: str, baseline: str
+) -> str:
+    cal = meta.get("calibration") or {}
+    lines = [
+        f"- checkpoint: `{checkpoint}` (epoch {meta.get('epoch')}, backbone "
+        f"`{(meta.get('model') or {}).get('backbone')}`, package {meta.get('package_version')})",
+        f"- preprocessing: {meta.get('input_size')} px at {meta.get('mpp')} um/px, "
+        f"mean {meta.get('mean')}, std {meta.get('std')}",
+        f"- temperature: {float(meta.get('temperature', 1.0)):.3f}"
+        + (f" (fitted on {cal['samples']} validation patches)" if "samples" in cal else ""),
+        f"- data: `{manifest}`, split `{split}`",
+        f"- colour baseline: {baseline}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _read_small(path: Path) -> np.ndarray:
+    from .imageio import read_rgb
+
+    rgb = read_rgb(path)
+    return cv2.resize(rgb, (BASELINE_SIZE, BASELINE_SIZE), interpolation=cv2.INTER_AREA)
+
+
+def _colour_baseline(train_rows: list, eval_rows: list, class_names: list[str]) -> tuple[Any, str]:
+    """Fit the colour-only baseline on the train rows; probabilities for the eval rows."""
+    if len(train_rows) > BASELINE_MAX_TRAIN:
+        train_rows = random.Random(0).sample(train_rows, BASELINE_MAX_TRAIN)
+    images, labels = [], []
+    for s in train_rows:
+        try:
+            images.append(_read_small(s.path))
+        except (ImageReadError, DataError) as exc:
+            log.warning("colour baseline: skipping %s: %s", s.path, exc)
+            continue
+        labels.append(class_names.index(s.label))
+    if len(set(labels)) < 2:
+        return None, "skipped: fewer than two classes of readable training images"
+    pipe = metrics.fit_colour_baseline(images, labels)
+    probs = metrics.predict_colour_baseline(
+        pipe, [_read_small(s.path) for s in eval_rows], len(class_names)
+    )
+    note = f"logistic regression on colour histograms of {len(images)} train patches at {BASELINE_SIZE} px"
+    return probs, note
+
+
+def _print_summary(m: dict[str, Any], out: Path, comparison: dict[str, Any] | None) -> None:
+    h = m["headline"]
+
+    def f(key: str, spec: str = ".3f") -> str:
+        v = h.get(key)
+        return "-" if v is None else format(v, spec)
+
+    print(
+        f"{m['title']}\n"
+        f"  macro-F1 {f('macro_f1')}  accuracy {f('accuracy')}  macro AUC {f('macro_auc')}\n"
+        f"  ECE {f('ece_before', '.4f')} -> {f('ece_after', '.4f')} at temperature "
+        f"{m['temperature']:.3f}\n"
+        f"  calcium Dice {f('calcium_dice')}  mean deposit Dice {f('mean_deposit_dice')}  "
+        f"stain accuracy {f('stain_accuracy')}\n"
+        f"  colour-only baseline macro-F1 {f('baseline_macro_f1')}",
+        flush=True,
+    )
+    if comparison is not None:
+        for key in ("macro_f1", "ece_after", "calcium_dice"):
+            row = comparison["metrics"].get(key)
+            if row and row["main"] is not None and row["shifted"] is not None:
+                print(
+                    f"  vs reference: {row['label']} {row['main']:.3f} -> {row['shifted']:.3f} "
+                    f"({row['delta']:+.3f})",
+                    flush=True,
+                )
+    print(f"report: {out / m['files']['report']}", flush=True)
+
+
+def run_evaluate(args: Any) -> int:
+    """``calcinosis evaluate --checkpoint C --data M [--split S] [--out D] ...``."""
+    evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        out_dir=args.out,
+        baseline=not getattr(args, "no_baseline", False),
+        reference=getattr(args, "reference", None),
+        batch_size=getattr(args, "batch_size", 64),
+        num_workers=getattr(args, "workers", 0),
+        device=getattr(args, "device", "auto"),
+    )
+    return 0
