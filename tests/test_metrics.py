@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from calcinosis.training import metrics as M
 from PIL import Image
 from sklearn.metrics import f1_score
+
+from calcinosis.training import metrics as M
 
 # The project's names (calcinosis.model.labels), spelled out here because
 # importing calcinosis.model loads torch and metrics must not need it.

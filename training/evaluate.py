@@ -32,8 +32,9 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from calcinosis.model import DataError, ImageReadError, load_checkpoint
 from torch.utils.data import DataLoader
+
+from calcinosis.model import DataError, ImageReadError, load_checkpoint
 
 from . import metrics
 from .train import collect_outputs

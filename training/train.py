@@ -50,6 +50,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from tqdm import tqdm
+
 from calcinosis.model import (
     CHECKPOINT_FORMAT_VERSION,
     ConfigError,
@@ -59,9 +63,6 @@ from calcinosis.model import (
     save_checkpoint,
 )
 from calcinosis.model.checkpoint import unwrap_model
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
-from tqdm import tqdm
 
 from . import __version__, metrics
 from .config import Config, LossWeights, config_to_dict, load_config, save_config

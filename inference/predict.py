@@ -1,0 +1,574 @@
+"""``calcinosis predict``: images, folders or manifests in; tables, overlays and GeoJSON out.
+
+Outputs under ``--out``::
+
+    predictions.csv        one row per input (columns below), input order
+    predictions.json       the same plus stain/region details and run settings
+    overlays/<name>.png    the image with deposits outlined and a legend
+    geojson/<name>.geojson deposit outlines for QuPath (File > Import objects)
+    tiles/<name>.csv       for tiled regions: one row per tile
+
+``<name>`` is derived from the input's file name, reduced to safe characters
+and made unique (``name``, ``name-2``, ...), so inputs with the same stem in
+different folders never overwrite each other and no name can leave ``--out``.
+
+Exit status: 0 when every input was processed; 3 when at least one input
+could not be read or processed (its row has ``status=error`` and the reason);
+2 for a usage error (no inputs found, bad checkpoint, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+import time
+import traceback
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calcinosis.model.errors import CalcinosisError, DataError
+
+from .predictor import BACKENDS, PatchResult, Predictor
+
+#: Exit status when some inputs failed (the others were still processed).
+EXIT_SOME_FAILED = 3
+#: Pixels decoded ahead of the model at most (about 200 MB of RGB).
+PIXEL_BUDGET = 64_000_000
+#: Longest output base name.
+MAX_NAME = 80
+
+_WINDOWS_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(1, 10)),
+    *(f"lpt{i}" for i in range(1, 10)),
+}
+
+
+@dataclass
+class InputItem:
+    """One image to predict, with where it was listed."""
+
+    path: Path
+    mpp: float | None = None
+    source: str = ""  # the argument (file, folder or manifest) that named it
+    error: str | None = None  # known before reading (missing file, bad manifest row)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def collect_inputs(
+    inputs: Sequence[str | os.PathLike[str]],
+    exclude: Path | None = None,
+    default_mpp: float | None = None,
+) -> list[InputItem]:
+    """Expand files, folders (recursive) and CSV manifests into a list of images.
+
+    Folders contribute every file whose extension (any case) is an image
+    extension, in sorted order; files under ``exclude`` (the output folder) are
+    skipped so a re-run never predicts its own overlays. A manifest needs a
+    ``path`` column (relative paths are relative to the manifest) and may have
+    an ``mpp`` column. A path that does not exist becomes an error row.
+    """
+    from calcinosis.training.imageio import IMAGE_EXTENSIONS
+
+    items: list[InputItem] = []
+    excl = exclude.resolve() if exclude is not None else None
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(
+                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+                key=lambda f: str(f).lower(),
+            )
+            if excl is not None:
+                found = [f for f in found if not _is_within(f.resolve(), excl)]
+            if not found:
+                print(f"warning: no images found in folder {p}", file=sys.stderr)
+            items.extend(InputItem(f, default_mpp, str(raw)) for f in found)
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            items.extend(_read_manifest(p, default_mpp))
+        elif p.is_file():
+            items.append(InputItem(p, default_mpp, str(raw)))
+        else:
+            items.append(
+                InputItem(
+                    p,
+                    default_mpp,
+                    str(raw),
+                    error=f"input {p} does not exist (no such file or folder)",
+                )
+            )
+    # The same file listed twice is predicted once.
+    seen: set[str] = set()
+    unique: list[InputItem] = []
+    for it in items:
+        key = str(it.path.resolve()) if it.error is None else f"missing:{it.path}"
+        if key not in seen:
+            seen.add(key)
+            unique.append(it)
+    return unique
+
+
+def _read_manifest(path: Path, default_mpp: float | None) -> list[InputItem]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+            if "path" not in fields:
+                raise DataError(
+                    f"manifest {path} has no 'path' column (columns: {', '.join(fields) or 'none'}); "
+                    "add a header row with a 'path' column naming the images"
+                )
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"manifest {path} is not UTF-8 text ({exc}); save it as UTF-8 CSV"
+        ) from None
+    items = []
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        rel = row.get("path", "")
+        src = f"{path}:{i}"
+        if not rel:
+            items.append(
+                InputItem(path / f"<row {i}>", default_mpp, src, error=f"{src}: empty 'path'")
+            )
+            continue
+        p = Path(rel)
+        if not p.is_absolute():
+            p = path.parent / p
+        mpp = default_mpp
+        if row.get("mpp"):
+            try:
+                mpp = float(row["mpp"])
+            except ValueError:
+                items.append(
+                    InputItem(p, None, src, error=f"{src}: mpp {row['mpp']!r} is not a number")
+                )
+                continue
+        err = None if p.is_file() else f"{src}: image {p} does not exist"
+        items.append(InputItem(p, mpp, src, error=err))
+    return items
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- names
+
+
+def safe_stem(path: str | os.PathLike[str]) -> str:
+    """A file-system-safe base name from a path's stem: ASCII letters, digits, ``._-``."""
+    stem = Path(path).stem if str(path) else ""
+    text = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    text = text[:MAX_NAME].rstrip("._-")
+    if not text:
+        text = "image"
+    if text.lower().split(".")[0] in _WINDOWS_RESERVED:
+        text = "_" + text
+    return text
+
+
+def unique_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Safe, distinct (case-insensitively) output names, one per path, in order."""
+    taken: set[str] = set()
+    out = []
+    for p in paths:
+        base = safe_stem(p)
+        name, k = base, 2
+        while name.lower() in taken:
+            name = f"{base}-{k}"
+            k += 1
+        taken.add(name.lower())
+        out.append(name)
+    return out
+
+
+# --------------------------------------------------------------------------- table
+
+
+def csv_columns(class_names: Sequence[str], deposit_labels: Sequence[str]) -> list[str]:
+    """predictions.csv columns: the contract's order, then a few extras."""
+    cols = [
+        "path",
+        "prediction",
+        *[f"p_{c}" for c in class_names],
+        "stain",
+        "p_stain",
+        "tissue_fraction",
+    ]
+    for lab in deposit_labels[1:]:
+        cols += [f"area_px_{lab}", f"area_um2_{lab}"]
+    cols += [
+        "status",
+        "reason",
+        "mode",
+        "width",
+        "height",
+        "mpp",
+        "focus",
+        "overlay",
+        "geojson",
+        "tiles",
+    ]
+    return cols
+
+
+def result_row(
+    res: PatchResult,
+    class_names: Sequence[str],
+    deposit_labels: Sequence[str],
+    files: dict[str, str],
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "path": res.path,
+        "prediction": res.prediction or "",
+        "stain": res.stain or "",
+        "p_stain": _fmt(res.stain_probability),
+        "tissue_fraction": "" if res.status == "error" else _fmt(res.tissue_fraction),
+        "status": res.status,
+        "reason": res.reason,
+        "mode": "" if res.status == "error" else res.mode,
+        "width": res.width or "",
+        "height": res.height or "",
+        "mpp": _fmt(res.mpp),
+        "focus": _fmt(res.focus),
+        **{k: files.get(k, "") for k in ("overlay", "geojson", "tiles")},
+    }
+    for c in class_names:
+        row[f"p_{c}"] = _fmt(res.probabilities.get(c))
+    for lab in deposit_labels[1:]:
+        px = res.deposit_area_px.get(lab) if res.status != "error" else None
+        um = (res.deposit_area_um2 or {}).get(lab) if res.status != "error" else None
+        row[f"area_px_{lab}"] = "" if px is None else int(px)
+        row[f"area_um2_{lab}"] = _fmt(um, 2)
+    return row
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    return f"{float(v):.{digits}f}"
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """The ``predict`` subcommand; see the module docstring for outputs and exit codes."""
+    out = Path(args.out)
+    backend = getattr(args, "backend", "torch")
+    if backend not in BACKENDS:
+        raise CalcinosisError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    items = collect_inputs(args.inputs, exclude=out, default_mpp=getattr(args, "mpp", None))
+    if not items:
+        raise CalcinosisError(
+            "no images found in the given inputs; pass image files, folders of images "
+            "(.png .jpg .jpeg .tif .tiff .bmp .webp) or a CSV manifest with a 'path' column"
+        )
+    t0 = time.perf_counter()
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint,
+        backend=backend,
+        device=getattr(args, "device", "cpu") or "cpu",
+        indeterminate_threshold=getattr(args, "threshold", None),
+        batch_size=getattr(args, "batch_size", 32) or 32,
+        tile_overlap=getattr(args, "tile_overlap", None),
+        focus_threshold=_focus_arg(getattr(args, "focus_threshold", None)),
+    )
+    t_ready = time.perf_counter()
+    overlays = not getattr(args, "no_overlays", False)
+    geojson = not getattr(args, "no_geojson", False)
+    workers = getattr(args, "workers", None) or (os.cpu_count() or 1)
+    for sub in ("overlays",) * overlays + ("geojson",) * geojson + ("tiles",):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    names = unique_names([it.path for it in items])
+    rows: list[dict[str, Any] | None] = [None] * len(items)
+    records: list[dict[str, Any] | None] = [None] * len(items)
+    cols = csv_columns(predictor.class_names, predictor.deposit_labels)
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        writes: list[Future] = []
+        bar = tqdm(
+            total=len(items),
+            unit="image",
+            desc="predict",
+            file=sys.stderr,
+            disable=getattr(args, "quiet", False),
+        )
+        for chunk, images in _decoded_chunks(items, pool, predictor.batch_size):
+            results = _predict_chunk(predictor, [items[i] for i in chunk], images)
+            for i, res in zip(chunk, results, strict=True):
+                res.path = str(items[i].path)
+                files = _planned_files(out, names[i], res, overlays, geojson)
+                rows[i] = result_row(res, predictor.class_names, predictor.deposit_labels, files)
+                rec = res.to_dict()
+                rec["name"] = names[i]
+                rec["source"] = items[i].source
+                rec["outputs"] = files
+                records[i] = rec
+                if files:
+                    writes.append(
+                        pool.submit(_write_outputs, out, names[i], res, images.get(i), files)
+                    )
+                else:
+                    res.label_map = None
+            bar.update(len(chunk))
+            # Keep memory bounded: wait for writes of earlier chunks.
+            while len(writes) > 2 * predictor.batch_size:
+                writes.pop(0).result()
+        for f in writes:
+            f.result()
+        bar.close()
+
+    elapsed = time.perf_counter() - t0
+    _write_csv(out / "predictions.csv", cols, [r for r in rows if r is not None])
+    summary = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(args.checkpoint),
+        "backend": backend,
+        "class_names": predictor.class_names,
+        "stain_names": predictor.stain_names,
+        "deposit_labels": predictor.deposit_labels,
+        "model_mpp": predictor.model_mpp,
+        "input_size": predictor.input_size,
+        "temperature": predictor.temperature,
+        "indeterminate_threshold": predictor.indeterminate_threshold,
+        "min_tissue_fraction": predictor.min_tissue_fraction,
+        "focus_threshold": predictor.focus_threshold,
+        "tile_overlap": predictor.tile_overlap,
+        "seconds": round(elapsed, 2),
+        "seconds_after_load": round(time.perf_counter() - t_ready, 2),
+        "results": records,
+    }
+    tmp = out / "predictions.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(out / "predictions.json")
+
+    statuses = Counter(r["status"] for r in rows if r)
+    calls = Counter(r["prediction"] for r in rows if r and r["prediction"])
+    print(
+        f"predicted {len(items)} input(s) in {elapsed:.1f} s: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+    )
+    if calls:
+        print("calls: " + ", ".join(f"{k} {v}" for k, v in calls.most_common()))
+    print(f"table:    {out / 'predictions.csv'}")
+    print(f"details:  {out / 'predictions.json'}")
+    if overlays:
+        print(f"overlays: {out / 'overlays'}")
+    if geojson:
+        print(f"geojson:  {out / 'geojson'} (QuPath: File > Import objects)")
+    if any(r and r["tiles"] for r in rows):
+        print(f"tiles:    {out / 'tiles'}")
+    failed = statuses.get("error", 0)
+    if failed:
+        print(
+            f"{failed} input(s) failed; see the 'reason' column (exit status {EXIT_SOME_FAILED})",
+            file=sys.stderr,
+        )
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def _focus_arg(value: float | None) -> float | None:
+    from .predictor import FOCUS_MIN
+
+    if value is None:
+        return FOCUS_MIN
+    return None if value <= 0 else float(value)
+
+
+def _decoded_chunks(
+    items: list[InputItem], pool: ThreadPoolExecutor, batch_size: int
+) -> Iterator[tuple[list[int], dict[int, np.ndarray | BaseException]]]:
+    """Chunks of item indices with their decoded images, decoding one chunk ahead.
+
+    A chunk holds up to ``batch_size`` images and about ``PIXEL_BUDGET`` pixels
+    (a big region is a chunk of its own), so at most two chunks of pixels are
+    in memory while the model works on one of them.
+    """
+    from calcinosis.training.imageio import image_size
+
+    def plan() -> Iterator[list[int]]:
+        chunk: list[int] = []
+        pixels = 0
+        for i, it in enumerate(items):
+            px = 0
+            if it.error is None:
+                try:
+                    w, h = image_size(it.path)
+                    px = w * h
+                except Exception:  # noqa: BLE001 - the read below reports it properly
+                    px = 0
+            if chunk and (len(chunk) >= batch_size or pixels + px > PIXEL_BUDGET):
+                yield chunk
+                chunk, pixels = [], 0
+            chunk.append(i)
+            pixels += px
+        if chunk:
+            yield chunk
+
+    def submit(chunk: list[int]) -> dict[int, Future]:
+        return {i: pool.submit(_read, items[i]) for i in chunk}
+
+    chunks = plan()
+    current = next(chunks, None)
+    pending = submit(current) if current is not None else {}
+    while current is not None:
+        nxt = next(chunks, None)
+        nxt_pending = submit(nxt) if nxt is not None else {}
+        decoded = {i: _result_or_exc(f) for i, f in pending.items()}
+        yield current, decoded
+        current, pending = nxt, nxt_pending
+
+
+def _read(item: InputItem) -> np.ndarray:
+    if item.error is not None:
+        raise CalcinosisError(item.error)
+    from calcinosis.training.imageio import read_rgb
+
+    return read_rgb(item.path)
+
+
+def _result_or_exc(f: Future) -> np.ndarray | BaseException:
+    try:
+        return f.result()
+    except Exception as exc:  # noqa: BLE001 - reported as the row's reason
+        return exc
+
+
+def _predict_chunk(
+    predictor: Predictor, items: list[InputItem], images: dict[int, np.ndarray | BaseException]
+) -> list[PatchResult]:
+    keys = list(images)
+    good = [k for k in keys if not isinstance(images[k], BaseException)]
+    out: dict[int, PatchResult] = {}
+    for k in keys:
+        if isinstance(images[k], BaseException):
+            out[k] = PatchResult(status="error", reason=_reason(images[k]))
+    if good:
+        try:
+            res = predictor.predict_batch(
+                [images[k] for k in good], mpp=[items[keys.index(k)].mpp for k in good]
+            )
+            out.update(zip(good, res, strict=True))
+        except Exception:  # noqa: BLE001 - isolate the image that broke the batch
+            for k in good:
+                try:
+                    out[k] = predictor.predict(images[k], mpp=items[keys.index(k)].mpp)
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc(file=sys.stderr)
+                    out[k] = PatchResult(status="error", reason=f"internal error: {_reason(exc)}")
+    return [out[k] for k in keys]
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc) or type(exc).__name__
+    return msg if isinstance(exc, CalcinosisError) else f"{type(exc).__name__}: {msg}"
+
+
+def _planned_files(
+    out: Path, name: str, res: PatchResult, overlays: bool, geojson: bool
+) -> dict[str, str]:
+    """Relative output paths for one result (nothing for unreadable inputs)."""
+    if res.status == "error" or res.label_map is None:
+        return {}
+    files = {}
+    if overlays:
+        files["overlay"] = f"overlays/{name}.png"
+    if geojson:
+        files["geojson"] = f"geojson/{name}.geojson"
+    if res.tiles is not None:
+        files["tiles"] = f"tiles/{name}.csv"
+    return files
+
+
+def _write_outputs(out: Path, name: str, res: PatchResult, rgb: Any, files: dict[str, str]) -> None:
+    """Overlay PNG, GeoJSON and tile table of one result (runs in the thread pool)."""
+    from calcinosis.training.imageio import write_png
+
+    from .geojson import feature_collection, label_map_to_features, write_geojson
+    from .overlay import render_overlay
+
+    try:
+        lm = res.label_map
+        if "overlay" in files and isinstance(rgb, np.ndarray):
+            title = Path(res.path or name).name
+            if res.mode == "region" and res.region:
+                title += f"  ({res.region['tissue_tiles']} tissue tiles)"
+            img = render_overlay(
+                rgb,
+                lm,
+                res.probabilities or None,
+                res.prediction,
+                res.stain,
+                title,
+                status=res.status,
+                stain_prob=res.stain_probability,
+            )
+            write_png(out / files["overlay"], img)
+        if "geojson" in files and lm is not None:
+            feats = label_map_to_features(
+                lm,
+                res.mpp,
+                properties={"source": Path(res.path or name).name},
+            )
+            props = {
+                "image": res.path,
+                "prediction": res.prediction,
+                "status": res.status,
+                "probabilities": res.probabilities,
+                "stain": res.stain,
+                "mpp": res.mpp,
+            }
+            write_geojson(out / files["geojson"], feature_collection(feats, props))
+        if "tiles" in files and res.tiles is not None:
+            keys: list[str] = []
+            for t in res.tiles:
+                keys.extend(k for k in t if k not in keys)
+            rows = [{k: _cell(t.get(k)) for k in keys} for t in res.tiles]
+            _write_csv(out / files["tiles"], keys, rows)
+    finally:
+        res.label_map = None  # free the map as soon as its files are written
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else v
+
+
+def _write_csv(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)

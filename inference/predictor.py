@@ -1,0 +1,796 @@
+"""From a checkpoint and an image to a calibrated, explained answer.
+
+:class:`Predictor` hides everything between pixels and the answer a
+pathologist reads: preprocessing taken from the checkpoint (input size, mean,
+std, microns per pixel), the backend that runs the network (PyTorch fp32 or
+bf16, or ONNX Runtime), calibrated probabilities (``softmax(logits / T)``),
+the "indeterminate" rule, the tissue and focus checks, and, for images much
+larger than the network input, tiling with blended stitching of the deposit
+map and aggregation of the tile verdicts into one region summary.
+
+Result statuses: ``ok``; ``indeterminate`` (top calibrated probability below
+the threshold; the prediction is then the word "indeterminate"); ``no_tissue``
+(blank glass or background: the network is not asked); ``out_of_focus``
+(probabilities are reported but no call is made); ``error`` (the image could
+not be read; ``reason`` says why).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from calcinosis.model.errors import CalcinosisError, CheckpointError
+from calcinosis.model.labels import (
+    CLASS_NAMES,
+    DEPOSIT_LABELS,
+    INDETERMINATE,
+    STAIN_NAMES,
+)
+
+from .tiling import Stitcher, label_histogram, pad_to_tile, tile_grid
+from .tissue import focus_measure, tissue_mask
+
+log = logging.getLogger(__name__)
+
+#: Backends: PyTorch fp32 NHWC (the default), fp32 NCHW eager (the plain
+#: baseline), bf16 autocast NHWC, fp32 NHWC through torch.compile (slow to
+#: start), ONNX Runtime fp32, ONNX Runtime int8 (static QDQ quantisation).
+BACKENDS = ("torch", "torch-eager", "torch-bf16", "torch-compile", "onnx", "onnx-int8")
+
+#: An image is tiled (region mode) when a side exceeds this many network inputs.
+REGION_FACTOR = 1.5
+#: Below this relative sharpness (``tissue.focus_measure`` at the model's mpp) a
+#: patch is called out of focus. Sharp synthetic tissue scores >= 1; a Gaussian
+#: defocus of sigma 2 px scores 0.04-0.37 and of 3 px 0.02-0.29, so 0.15 flags
+#: strong blur without touching the blur that stain/scanner variation brings.
+FOCUS_MIN = 0.15
+#: Region tissue detection runs on a thumbnail whose longer side is at most this.
+TISSUE_THUMB_SIDE = 2048
+#: mpp values closer than this (relative) are treated as equal: no resampling.
+MPP_TOLERANCE = 0.02
+
+STATUSES = ("ok", "indeterminate", "no_tissue", "out_of_focus", "error")
+
+
+@dataclass
+class PatchResult:
+    """Everything known about one image (a patch or a tiled region)."""
+
+    path: str | None = None
+    status: str = "ok"
+    reason: str = ""
+    prediction: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    stain: str | None = None
+    stain_probability: float | None = None
+    stain_probabilities: dict[str, float] = field(default_factory=dict)
+    tissue_fraction: float = 0.0
+    focus: float | None = None
+    #: Deposit area per label name (labels other than background), image pixels.
+    deposit_area_px: dict[str, int] = field(default_factory=dict)
+    #: The same in square microns (None when no mpp is known).
+    deposit_area_um2: dict[str, float] | None = None
+    mpp: float | None = None
+    mpp_assumed: bool = False
+    height: int = 0
+    width: int = 0
+    mode: str = "patch"  # or "region"
+    #: ``(H, W)`` uint8 deposit labels at the image's own resolution (not serialised).
+    label_map: np.ndarray | None = field(default=None, repr=False)
+    #: Region mode: one row per tile (not serialised by default: can be long).
+    tiles: list[dict[str, Any]] | None = field(default=None, repr=False)
+    #: Region mode: the summary over tissue tiles.
+    region: dict[str, Any] | None = None
+
+    def to_dict(self, include_tiles: bool = False) -> dict[str, Any]:
+        """Plain, JSON-ready data (no label map; tiles only on request)."""
+        skip = {"label_map"} | (set() if include_tiles else {"tiles"})
+        d = {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip
+        }
+        return _jsonable(d)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class _TorchEngine:
+    """PyTorch model; fp32 or bf16 autocast, NHWC (channels_last) or NCHW."""
+
+    def __init__(
+        self, model: Any, device: str, bf16: bool, channels_last: bool, compile: bool = False
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.bf16 = bf16
+        if bf16 and self.device.type == "cpu" and not _cpu_has_fast_bf16():
+            log.warning(
+                "torch-bf16 on a CPU without native bf16 (AMX / AVX512-BF16) is emulated and "
+                "slower than fp32 here; prefer --backend onnx or torch"
+            )
+        self.channels_last = channels_last
+        model = model.to(self.device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if compile else model
+
+    def __call__(self, nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        torch = self.torch
+        x = (
+            torch.from_numpy(nhwc).to(self.device).permute(0, 3, 1, 2)
+        )  # NHWC memory = channels_last
+        x = x.contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+        )
+        # Denormal floats (tiny activations, common with fresh or lightly trained
+        # weights) are up to 40x slower on x86 and change nothing in the answer:
+        # flush them to zero for the forward pass only. The flag is per-thread
+        # CPU state, so it is switched off again (it would otherwise leak into
+        # the caller, e.g. numpy code that relies on subnormals).
+        flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
+        try:
+            with torch.inference_mode():
+                if self.bf16:
+                    with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                        out = self.model(x)
+                else:
+                    out = self.model(x)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+        return (
+            out["class_logits"].float().cpu().numpy(),
+            out["stain_logits"].float().cpu().numpy(),
+            out["deposit_logits"].float().cpu().numpy(),
+        )
+
+
+class _OnnxEngine:
+    """ONNX Runtime session (CPU unless CUDA is asked for and present)."""
+
+    def __init__(self, onnx_path: Path, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise CalcinosisError(
+                    "backend 'onnx' on CUDA needs onnxruntime-gpu; use --device cpu or a torch backend"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - a broken file is a user error here
+            raise CheckpointError(
+                f"{onnx_path} could not be loaded by ONNX Runtime: {exc}"
+            ) from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
+        out = dict(
+            zip(self.output_names, self.session.run(None, {self.input_name: x}), strict=True)
+        )
+        return out["class_logits"], out["stain_logits"], out["deposit_logits"]
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """Run a trained checkpoint on patches and regions; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Any,
+        metadata: dict[str, Any],
+        *,
+        backend: str = "torch",
+        indeterminate_threshold: float | None = None,
+        min_tissue_fraction: float | None = None,
+        focus_threshold: float | None = FOCUS_MIN,
+        batch_size: int = 32,
+        tile_overlap: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metadata = metadata
+        self.backend = backend
+        self.class_names = list(metadata.get("class_names") or CLASS_NAMES)
+        self.stain_names = list(metadata.get("stain_names") or STAIN_NAMES)
+        self.deposit_labels = list(metadata.get("deposit_labels") or DEPOSIT_LABELS)
+        self.input_size = _meta_input_size(metadata)
+        self.mean = np.asarray(metadata.get("mean") or (0.485, 0.456, 0.406), dtype=np.float32)
+        self.std = np.asarray(metadata.get("std") or (0.229, 0.224, 0.225), dtype=np.float32)
+        self.model_mpp = _meta_value(metadata, "mpp", ("data", "mpp"), None)
+        self.temperature = float(metadata.get("temperature") or 1.0)
+        if indeterminate_threshold is None:
+            indeterminate_threshold = _meta_value(
+                metadata, "indeterminate_threshold", ("inference", "indeterminate_threshold"), 0.6
+            )
+        self.indeterminate_threshold = float(indeterminate_threshold)
+        if min_tissue_fraction is None:
+            min_tissue_fraction = _meta_value(
+                metadata, "min_tissue_fraction", ("inference", "min_tissue_fraction"), 0.1
+            )
+        self.min_tissue_fraction = float(min_tissue_fraction)
+        self.focus_threshold = focus_threshold
+        self.batch_size = max(1, int(batch_size))
+        self.tile_overlap = self.input_size // 4 if tile_overlap is None else int(tile_overlap)
+        if not 0 <= self.tile_overlap < self.input_size:
+            raise CalcinosisError(
+                f"tile overlap must be in [0, {self.input_size}) pixels for this model "
+                f"(input size {self.input_size}); got {self.tile_overlap}"
+            )
+        # Normalisation folded into one multiply-add on uint8 pixels.
+        self._scale = (1.0 / (255.0 * self.std)).astype(np.float32)
+        self._bias = (-self.mean / self.std).astype(np.float32)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        backend: str = "torch",
+        device: str = "cpu",
+        indeterminate_threshold: float | None = None,
+        batch_size: int = 32,
+        *,
+        onnx_path: str | os.PathLike[str] | None = None,
+        tile_overlap: int | None = None,
+        focus_threshold: float | None = FOCUS_MIN,
+        min_tissue_fraction: float | None = None,
+        threads: int | None = None,
+    ) -> Predictor:
+        """Load a ``.safetensors`` checkpoint (or a self-describing ``.onnx`` file).
+
+        ``backend="onnx"`` exports the checkpoint once to ``onnx_path`` (default:
+        a cache file next to the checkpoint, or in the temp folder when that
+        folder is read-only) and reuses it while the checkpoint is unchanged.
+        """
+        if backend not in BACKENDS:
+            raise CalcinosisError(
+                f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
+        path = Path(path)
+        kwargs = dict(
+            backend=backend,
+            indeterminate_threshold=indeterminate_threshold,
+            batch_size=batch_size,
+            tile_overlap=tile_overlap,
+            focus_threshold=focus_threshold,
+            min_tissue_fraction=min_tissue_fraction,
+        )
+        if path.suffix.lower() == ".onnx":
+            if not backend.startswith("onnx"):
+                raise CalcinosisError(f"{path} is an ONNX file; use --backend onnx with it")
+            meta = read_onnx_metadata(path)
+            return cls(_OnnxEngine(path, device, threads), meta, **kwargs)
+        if backend.startswith("torch"):
+            from calcinosis.model import load_checkpoint
+
+            model, meta = load_checkpoint(path, device=device)
+            engine = _TorchEngine(
+                model,
+                device,
+                bf16=backend == "torch-bf16",
+                channels_last=backend != "torch-eager",
+                compile=backend == "torch-compile",
+            )
+            return cls(engine, meta, **kwargs)
+        from .export import cached_onnx
+
+        onnx_file = cached_onnx(path, onnx_path, quantize=backend == "onnx-int8")
+        meta = read_onnx_metadata(onnx_file)
+        return cls(_OnnxEngine(onnx_file, device, threads), meta, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+
+    def predict(self, image: Any, mpp: float | None = None) -> PatchResult:
+        """Predict one image: an ``(H, W, 3)`` uint8 array, a PIL image or a path."""
+        return self.predict_batch([image], mpp=mpp)[0]
+
+    def predict_batch(
+        self,
+        images: Sequence[Any],
+        mpp: float | None | Sequence[float | None] = None,
+        names: Sequence[str | None] | None = None,
+    ) -> list[PatchResult]:
+        """Predict many images; patches go through the network in batches.
+
+        ``mpp`` is one value for all images or one per image (None = the
+        model's own). Images that cannot be read come back with status "error".
+        """
+        n = len(images)
+        mpps = list(mpp) if isinstance(mpp, (list, tuple)) else [mpp] * n
+        if len(mpps) != n:
+            raise ValueError(f"got {len(mpps)} mpp values for {n} images")
+        names = list(names) if names is not None else [None] * n
+        results: list[PatchResult | None] = [None] * n
+        pending: list[tuple[int, _Prepared]] = []
+        for i, img in enumerate(images):
+            name = names[i] if names[i] is not None else _name_of(img)
+            try:
+                rgb = load_image(img)
+                prep = self._prepare(rgb, mpps[i], name)
+            except (CalcinosisError, OSError, ValueError) as exc:
+                results[i] = PatchResult(path=name, status="error", reason=_reason(exc))
+                continue
+            if prep.result is not None:  # decided without the network (no tissue)
+                results[i] = prep.result
+            elif prep.region:
+                results[i] = self._predict_region(prep)
+            else:
+                pending.append((i, prep))
+        for start in range(0, len(pending), self.batch_size):
+            chunk = pending[start : start + self.batch_size]
+            batch = np.stack([p.model_input for _, p in chunk])
+            cls_l, stain_l, dep_l = self.engine(self._normalise(batch))
+            for j, (i, prep) in enumerate(chunk):
+                results[i] = self._finish_patch(prep, cls_l[j], stain_l[j], dep_l[j])
+        return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------------ internals
+
+    def _normalise(self, batch_u8: np.ndarray) -> np.ndarray:
+        """uint8 NHWC -> float32 NHWC normalised with the model's mean and std."""
+        x = batch_u8.astype(np.float32)
+        x *= self._scale
+        x += self._bias
+        return x
+
+    def calibrated(self, class_logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities: softmax of logits divided by the temperature."""
+        return _softmax(np.asarray(class_logits, np.float32) / self.temperature, axis=-1)
+
+    def _prepare(self, rgb: np.ndarray, mpp: float | None, name: str | None) -> _Prepared:
+        h0, w0 = rgb.shape[:2]
+        mpp_assumed = mpp is None
+        img_mpp = self.model_mpp if mpp is None else float(mpp)
+        if img_mpp is not None and img_mpp <= 0:
+            raise ValueError(f"mpp must be > 0 (microns per pixel), got {img_mpp}")
+        work = rgb
+        factor = 1.0
+        if mpp is not None and self.model_mpp and abs(mpp / self.model_mpp - 1) > MPP_TOLERANCE:
+            factor = float(mpp) / float(self.model_mpp)  # >1: image is coarser, enlarge it
+            nh, nw = max(1, round(h0 * factor)), max(1, round(w0 * factor))
+            interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+            work = cv2.resize(rgb, (nw, nh), interpolation=interp)
+        base = PatchResult(
+            path=name,
+            mpp=img_mpp,
+            mpp_assumed=mpp_assumed and img_mpp is not None,
+            height=h0,
+            width=w0,
+        )
+        prep = _Prepared(rgb=rgb, work=work, factor=factor, result_template=base)
+        s = self.input_size
+        hw, ww = work.shape[:2]
+        if hw > REGION_FACTOR * s or ww > REGION_FACTOR * s:
+            prep.region = True
+            base.mode = "region"
+            return prep
+        mask = tissue_mask(work)
+        base.tissue_fraction = float(mask.mean())
+        if base.tissue_fraction < self.min_tissue_fraction:
+            base.status = "no_tissue"
+            base.reason = (
+                f"tissue covers {base.tissue_fraction:.0%} of the image "
+                f"(at least {self.min_tissue_fraction:.0%} needed): blank glass or background"
+            )
+            base.label_map = np.zeros((h0, w0), np.uint8)
+            self._fill_areas(base, base.label_map)
+            prep.result = base
+            return prep
+        base.focus = focus_measure(work, mask)
+        if (hw, ww) != (s, s):
+            interp = cv2.INTER_AREA if hw * ww > s * s else cv2.INTER_LINEAR
+            prep.model_input = cv2.resize(work, (s, s), interpolation=interp)
+        else:
+            prep.model_input = work
+        return prep
+
+    def _finish_patch(
+        self,
+        prep: _Prepared,
+        cls_logits: np.ndarray,
+        stain_logits: np.ndarray,
+        dep_logits: np.ndarray,
+    ) -> PatchResult:
+        res = prep.result_template
+        probs = self.calibrated(cls_logits)
+        self._fill_class(res, probs)
+        self._fill_stain(res, _softmax(np.asarray(stain_logits, np.float32), axis=-1))
+        # Deposit probabilities back to the image's own grid, then argmax.
+        dep = _softmax(np.asarray(dep_logits, np.float32), axis=0).transpose(1, 2, 0)
+        h0, w0 = res.height, res.width
+        if dep.shape[:2] != (h0, w0):
+            dep = _resize_probs(dep, (h0, w0))
+        res.label_map = dep.argmax(axis=-1).astype(np.uint8)
+        self._fill_areas(res, res.label_map)
+        self._apply_focus(res)
+        return res
+
+    def _predict_region(self, prep: _Prepared) -> PatchResult:
+        """Tile, run, stitch and summarise an image much larger than the input."""
+        res = prep.result_template
+        s, ov = self.input_size, self.tile_overlap
+        work = prep.work
+        hw, ww = work.shape[:2]
+        padded = pad_to_tile(work, s)
+        # Tissue on a thumbnail: bounded memory and time on big regions.
+        ds = max(1, int(np.ceil(max(hw, ww) / TISSUE_THUMB_SIDE)))
+        if ds == 1:
+            thumb = work
+        else:
+            thumb = cv2.resize(
+                work, (max(1, ww // ds), max(1, hw // ds)), interpolation=cv2.INTER_AREA
+            )
+        tmask = tissue_mask(thumb)
+        tissue_frac_total = float(tmask.mean())
+        # Integral image of the tissue mask: tissue fraction of any tile in O(1).
+        integ = cv2.integral(tmask.astype(np.uint8))
+        th, tw = tmask.shape
+        sy, sx = th / hw, tw / ww
+
+        def tile_tissue(y0: int, x0: int) -> float:
+            ya, yb = (
+                int(y0 * sy),
+                max(int(y0 * sy) + 1, min(th, int(np.ceil(min(y0 + s, hw) * sy)))),
+            )
+            xa, xb = (
+                int(x0 * sx),
+                max(int(x0 * sx) + 1, min(tw, int(np.ceil(min(x0 + s, ww) * sx)))),
+            )
+            ya, xa = min(ya, th - 1), min(xa, tw - 1)
+            tot = integ[yb, xb] - integ[ya, xb] - integ[yb, xa] + integ[ya, xa]
+            return float(tot) / max(1, (yb - ya) * (xb - xa))
+
+        def tile_mask(y0: int, x0: int) -> np.ndarray:
+            """The tile's tissue mask, from the thumbnail (cheaper than recomputing it)."""
+            if ds == 1:
+                m = np.zeros((s, s), bool)
+                part = tmask[y0 : y0 + s, x0 : x0 + s]
+                m[: part.shape[0], : part.shape[1]] = part
+                return m
+            ya, xa = int(y0 * sy), int(x0 * sx)
+            yb, xb = (
+                max(ya + 1, int(np.ceil((y0 + s) * sy))),
+                max(xa + 1, int(np.ceil((x0 + s) * sx))),
+            )
+            part = np.zeros((yb - ya, xb - xa), np.uint8)
+            src = tmask[ya:yb, xa:xb]
+            part[: src.shape[0], : src.shape[1]] = src
+            return cv2.resize(part, (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+        depth = len(self.deposit_labels)
+        stitcher = Stitcher((hw, ww), depth, s, ov)
+        grid = tile_grid(padded.shape[:2], s, ov)
+        tiles: list[dict[str, Any]] = []
+        agg_w: list[float] = []
+        agg_p: list[np.ndarray] = []
+        agg_s: list[np.ndarray] = []
+        inv = 1.0 / prep.factor
+        todo: list[tuple[dict[str, Any], int, int]] = []
+
+        def flush() -> None:
+            if not todo:
+                return
+            batch = np.stack([padded[y : y + s, x : x + s] for _, y, x in todo])
+            cls_l, stain_l, dep_l = self.engine(self._normalise(batch))
+            probs = self.calibrated(cls_l)
+            stain_p = _softmax(np.asarray(stain_l, np.float32), axis=-1)
+            dep = _softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)
+            for j, (row, y, x) in enumerate(todo):
+                tile_map = np.ascontiguousarray(dep[j])
+                stitcher.add(y, x, tile_map)
+                p = probs[j]
+                top = int(p.argmax())
+                row["prediction"] = (
+                    self.class_names[top]
+                    if p[top] >= self.indeterminate_threshold
+                    else INDETERMINATE
+                )
+                for k, c in enumerate(self.class_names):
+                    row[f"p_{c}"] = float(p[k])
+                si = int(stain_p[j].argmax())
+                row["stain"] = self.stain_names[si]
+                row["p_stain"] = float(stain_p[j][si])
+                lab = tile_map[: min(s, hw - y), : min(s, ww - x)].argmax(-1)
+                counts = label_histogram(lab.astype(np.uint8), depth)
+                for k, name in enumerate(self.deposit_labels[1:], start=1):
+                    row[f"tile_px_{name}"] = int(counts[k])
+                if row["status"] == "ok":
+                    agg_w.append(row["tissue_fraction"])
+                    agg_p.append(p)
+                    agg_s.append(stain_p[j])
+            todo.clear()
+
+        for y0, x0 in grid:
+            tf = tile_tissue(y0, x0)
+            row: dict[str, Any] = {
+                "y0": int(round(y0 * inv)),
+                "x0": int(round(x0 * inv)),
+                "size": int(round(s * inv)),
+                "tissue_fraction": tf,
+            }
+            tiles.append(row)
+            if tf < self.min_tissue_fraction:
+                row.update(status="no_tissue", prediction=None)
+                continue
+            tile_img = padded[y0 : y0 + s, x0 : x0 + s]
+            foc = focus_measure(tile_img, tile_mask(y0, x0))
+            row["focus"] = foc
+            row["status"] = (
+                "out_of_focus"
+                if self.focus_threshold is not None and foc < self.focus_threshold
+                else "ok"
+            )
+            todo.append((row, y0, x0))
+            if len(todo) >= self.batch_size:
+                flush()
+        flush()
+        label_map = stitcher.finish()
+        if prep.factor != 1.0:
+            label_map = cv2.resize(
+                label_map, (res.width, res.height), interpolation=cv2.INTER_NEAREST
+            )
+        res.label_map = label_map
+        res.tiles = tiles
+        res.tissue_fraction = tissue_frac_total
+        self._fill_areas(res, label_map)
+        n_tissue = sum(1 for t in tiles if t.get("status") in ("ok", "out_of_focus"))
+        n_focus = sum(1 for t in tiles if t.get("status") == "out_of_focus")
+        if agg_w:
+            w = np.asarray(agg_w, np.float64)
+            w = w / w.sum() if w.sum() > 0 else np.full_like(w, 1.0 / len(w))
+            probs = (np.asarray(agg_p) * w[:, None]).sum(0)
+            self._fill_class(res, probs)
+            self._fill_stain(res, (np.asarray(agg_s) * w[:, None]).sum(0))
+        elif n_tissue:
+            res.status = "out_of_focus"
+            res.reason = f"all {n_tissue} tissue tiles are out of focus"
+            res.prediction = None
+        else:
+            res.status = "no_tissue"
+            res.reason = f"no tile has at least {self.min_tissue_fraction:.0%} tissue: blank glass or background"
+        tissue_px = tissue_frac_total * res.height * res.width
+        area_um = (res.mpp or 0.0) ** 2
+        votes: dict[str, int] = {}
+        for t in tiles:
+            if t.get("status") == "ok":
+                votes[t["prediction"]] = votes.get(t["prediction"], 0) + 1
+        res.region = {
+            "tiles": len(tiles),
+            "tissue_tiles": n_tissue,
+            "out_of_focus_tiles": n_focus,
+            "tile_size_px": int(round(s * inv)),
+            "tile_overlap_px": int(round(ov * inv)),
+            "tissue_area_px": float(tissue_px),
+            "tissue_area_um2": float(tissue_px * area_um) if res.mpp else None,
+            "deposit_burden": {
+                k: (float(v) / tissue_px if tissue_px > 0 else 0.0)
+                for k, v in res.deposit_area_px.items()
+            },
+            "tile_votes": votes,
+        }
+        return res
+
+    def _fill_class(self, res: PatchResult, probs: np.ndarray) -> None:
+        res.probabilities = {c: float(p) for c, p in zip(self.class_names, probs, strict=True)}
+        top = int(np.argmax(probs))
+        if probs[top] < self.indeterminate_threshold:
+            res.prediction = INDETERMINATE
+            res.status = "indeterminate"
+            res.reason = (
+                f"top calibrated probability {probs[top]:.2f} ({self.class_names[top]}) is below "
+                f"the threshold {self.indeterminate_threshold:.2f}"
+            )
+        else:
+            res.prediction = self.class_names[top]
+            res.status = "ok"
+            res.reason = ""
+
+    def _fill_stain(self, res: PatchResult, stain_probs: np.ndarray) -> None:
+        res.stain_probabilities = {
+            s: float(p) for s, p in zip(self.stain_names, stain_probs, strict=True)
+        }
+        k = int(np.argmax(stain_probs))
+        res.stain = self.stain_names[k]
+        res.stain_probability = float(stain_probs[k])
+
+    def _apply_focus(self, res: PatchResult) -> None:
+        if self.focus_threshold is None or res.focus is None:
+            return
+        if res.focus < self.focus_threshold:
+            res.status = "out_of_focus"
+            res.reason = (
+                f"sharpness {res.focus:.1f} is below {self.focus_threshold:g} (variance of the "
+                "Laplacian over tissue): rescan or refocus; probabilities are shown for reference only"
+            )
+            res.prediction = None
+
+    def _fill_areas(self, res: PatchResult, label_map: np.ndarray) -> None:
+        counts = label_histogram(label_map, len(self.deposit_labels))
+        res.deposit_area_px = {
+            name: int(counts[k]) for k, name in enumerate(self.deposit_labels) if k > 0
+        }
+        if res.mpp:
+            a = float(res.mpp) ** 2
+            res.deposit_area_um2 = {k: v * a for k, v in res.deposit_area_px.items()}
+        else:
+            res.deposit_area_um2 = None
+
+
+@dataclass
+class _Prepared:
+    rgb: np.ndarray
+    work: np.ndarray
+    factor: float
+    result_template: PatchResult
+    region: bool = False
+    model_input: np.ndarray | None = None
+    result: PatchResult | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def load_image(image: Any) -> np.ndarray:
+    """Any accepted input -> ``(H, W, 3)`` uint8 RGB (paths via ``imageio.read_rgb``)."""
+    if isinstance(image, (str, os.PathLike)):
+        from calcinosis.training.imageio import read_rgb
+
+        return read_rgb(image)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "PA") or (
+            image.mode == "P" and "transparency" in image.info
+        ):
+            bg = Image.new("RGB", image.size, (255, 255, 255))
+            rgba = image.convert("RGBA")
+            bg.paste(rgba, mask=rgba.getchannel("A"))
+            return np.asarray(bg, dtype=np.uint8)
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"expected an RGB image array (H, W, 3), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        else:
+            raise ValueError(f"expected uint8 pixels (or floats in [0, 1]), got {arr.dtype}")
+    if arr.shape[2] == 4:
+        a = arr[..., 3:4].astype(np.float32) / 255.0
+        arr = (arr[..., :3] * a + 255.0 * (1 - a) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint metadata stored in an exported ONNX file's ``metadata_props``."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path} could not be loaded by ONNX Runtime: {exc}") from exc
+    props = sess.get_modelmeta().custom_metadata_map
+    raw = props.get("calcinosis")
+    if raw is None:
+        raise CheckpointError(
+            f"{path} is an ONNX model without calcinosis metadata; export it with "
+            "'calcinosis export' so it carries its class names and preprocessing"
+        )
+    return json.loads(raw)
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, hex (identifies the checkpoint an export came from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _meta_input_size(meta: dict[str, Any]) -> int:
+    v = meta.get("input_size")
+    if isinstance(v, (list, tuple)):
+        v = v[-1]
+    if v is None:
+        v = _meta_value(meta, "_", ("data", "image_size"), 128)
+    return int(v)
+
+
+def _meta_value(meta: dict[str, Any], key: str, cfg_path: tuple[str, ...], default: Any) -> Any:
+    if meta.get(key) is not None:
+        return meta[key]
+    node: Any = meta.get("config") or {}
+    for k in cfg_path:
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return default if node is None else node
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        import torch
+
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - an old or unusual build: assume not
+        return False
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=axis, keepdims=True)
+    return x
+
+
+def _resize_probs(p: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an (h, w, D) probability map, one channel at a time."""
+    h, w = size_hw
+    chans = [
+        cv2.resize(p[..., k], (w, h), interpolation=cv2.INTER_LINEAR) for k in range(p.shape[-1])
+    ]
+    return np.stack(chans, axis=-1)
+
+
+def _name_of(image: Any) -> str | None:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return getattr(image, "filename", None) or None
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc) or type(exc).__name__
+    return msg if isinstance(exc, CalcinosisError) else f"{type(exc).__name__}: {msg}"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def iter_batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Consecutive lists of at most ``size`` items."""
+    batch: list[Any] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,275 @@
+"""Tiling a large image into model-sized tiles and stitching the tiles' maps back.
+
+A region bigger than the network input is cut into overlapping tiles. Each
+tile's per-pixel label probabilities are blended with a smooth window that
+fades towards the tile's edges, where a convolutional network sees least
+context; overlapping tiles therefore hand over gradually and leave no seams.
+
+Memory design (why the stitcher works in row bands)
+---------------------------------------------------
+A full float32 probability map of an 8192 x 8192 region with 5 labels is
+1.3 GB, plus its weights. The stitcher never holds it: tiles arrive in the
+row-major order of :func:`tile_grid`, and once the tiles of one grid row are in,
+every image row above the next grid row's top edge is final (no later tile
+touches it). So the stitcher keeps only a rolling band ``tile`` rows high
+(``tile x W x D`` float32 plus ``tile x W`` weights, about 21 MB for W = 8192,
+tile = 128, D = 5), normalises finished rows, and hands them to a consumer
+that keeps what is wanted at low cost: the argmax label map (uint8, 64 MB for
+8192 x 8192) and, only on request, the probabilities at float16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+#: Value used to pad images smaller than a tile: white, the colour of empty
+#: glass, so padding reads as "no tissue" and never invents deposits.
+PAD_VALUE = 255
+
+
+def _axis_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Tile starts along one axis: every ``stride`` pixels, the last flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return sorted(set(starts))
+
+
+def tile_grid(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Top-left corners ``(y0, x0)`` of tiles covering every pixel of an ``(H, W)`` image.
+
+    Tiles step by ``tile - overlap``; the last tile of each row and column is
+    placed flush with the image edge (so it may overlap its neighbour more than
+    ``overlap``), and every tile lies inside the image. An image side shorter
+    than ``tile`` gets a single start at 0: pad the image to at least ``tile``
+    first (see :func:`pad_to_tile`). The order is row-major, which is what
+    :class:`Stitcher` needs.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap} for tile={tile}")
+    if h < 1 or w < 1:
+        raise ValueError(f"image shape must be positive, got {shape}")
+    stride = tile - overlap
+    ys = _axis_starts(h, tile, stride)
+    xs = _axis_starts(w, tile, stride)
+    return [(y, x) for y in ys for x in xs]
+
+
+def pad_to_tile(image: np.ndarray, tile: int, value: int = PAD_VALUE) -> np.ndarray:
+    """Pad an image at the bottom and right so both sides are at least ``tile``.
+
+    Padding is constant white (empty glass) rather than a reflection, so the
+    padded strip is recognised as background by the tissue detector and cannot
+    double a deposit that lies near the edge. Results are cropped back to the
+    original size by the caller (the stitcher clips tiles to the image).
+    """
+    h, w = image.shape[:2]
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    if ph == 0 and pw == 0:
+        return image
+    pad = [(0, ph), (0, pw)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, pad, mode="constant", constant_values=value)
+
+
+def blend_weights(tile: int, overlap: int) -> np.ndarray:
+    """Separable blending window ``(tile, tile)`` float32, strictly positive.
+
+    Inside ``overlap`` pixels of each edge the weight rises along a raised
+    cosine from near 0 to 1; the centre is flat at 1. Sampling at pixel centres
+    (``i + 0.5``) keeps the smallest weight above zero, so a pixel at the image
+    border that only one tile covers is still normalised correctly.
+    """
+    if overlap <= 0:
+        return np.ones((tile, tile), dtype=np.float32)
+    ramp_len = min(overlap, tile // 2)
+    line = np.ones(tile, dtype=np.float64)
+    i = np.arange(ramp_len, dtype=np.float64)
+    ramp = 0.5 - 0.5 * np.cos(np.pi * (i + 0.5) / ramp_len)
+    line[:ramp_len] = ramp
+    line[tile - ramp_len :] = np.minimum(line[tile - ramp_len :], ramp[::-1])
+    return np.outer(line, line).astype(np.float32)
+
+
+RowsConsumer = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+class Stitcher:
+    """Blend per-tile maps ``(tile, tile, D)`` into an ``(H, W)`` result, band by band.
+
+    Feed tiles with :meth:`add` in the row-major order of :func:`tile_grid`
+    (``y0`` never decreasing). Tiles may stick out past the bottom or right
+    edge (padded images); the excess is clipped. Pixels no tile covered (for
+    example tissue-free tiles that were skipped) get weight 0 and come out as
+    label ``fill_label`` with a one-hot probability.
+
+    Results: :attr:`label_map` (uint8 argmax, always), :attr:`probs` (float16
+    ``(H, W, D)``, only with ``keep_probs=True``), :attr:`coverage` (bool, which
+    pixels any tile covered) and per-label pixel counts :attr:`label_counts`.
+    A custom ``consumer(y0, probs_rows, weight_rows)`` may be given to receive
+    the normalised rows instead of (in addition to) the built-in ones.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        depth: int,
+        tile: int,
+        overlap: int,
+        *,
+        keep_probs: bool = False,
+        probs_dtype: np.dtype | type = np.float16,
+        fill_label: int = 0,
+        consumer: RowsConsumer | None = None,
+    ) -> None:
+        self.height, self.width = int(shape[0]), int(shape[1])
+        self.depth = int(depth)
+        self.tile = int(tile)
+        self.window = blend_weights(self.tile, overlap)
+        self.fill_label = int(fill_label)
+        self.consumer = consumer
+        # Rolling band: rows [self._top, self._top + tile) of the image.
+        self._acc = np.zeros((self.tile, self.width, self.depth), dtype=np.float32)
+        self._wsum = np.zeros((self.tile, self.width), dtype=np.float32)
+        self._top = 0
+        self._done = False
+        self.label_map = np.full((self.height, self.width), self.fill_label, dtype=np.uint8)
+        self.coverage = np.zeros((self.height, self.width), dtype=bool)
+        self.probs: np.ndarray | None = (
+            np.zeros((self.height, self.width, self.depth), dtype=probs_dtype)
+            if keep_probs
+            else None
+        )
+        self.label_counts = np.zeros(self.depth, dtype=np.int64)
+
+    def add(self, y0: int, x0: int, tile_map: np.ndarray, weight: np.ndarray | None = None) -> None:
+        """Accumulate one tile's map ``(tile, tile, D)`` (probabilities) at ``(y0, x0)``.
+
+        ``weight`` optionally scales the tile's window (for example by how sure
+        the tile is); by default every tile counts the same.
+        """
+        if self._done:
+            raise RuntimeError("Stitcher.add() called after finish()")
+        if tile_map.shape != (self.tile, self.tile, self.depth):
+            raise ValueError(
+                f"tile map must have shape {(self.tile, self.tile, self.depth)}, got {tile_map.shape}"
+            )
+        if y0 < self._top:
+            raise ValueError(
+                f"tiles must arrive in row-major order: y0={y0} is above the current band "
+                f"starting at row {self._top}"
+            )
+        if y0 > self._top:
+            self._flush(y0 - self._top)
+        h = min(self.tile, self.height - y0)
+        w = min(self.tile, self.width - x0)
+        if h <= 0 or w <= 0:
+            return
+        win = self.window[:h, :w]
+        if weight is not None:
+            win = win * np.asarray(weight, dtype=np.float32)[:h, :w]
+        self._acc[:h, x0 : x0 + w] += (
+            tile_map[:h, :w].astype(np.float32, copy=False) * win[..., None]
+        )
+        self._wsum[:h, x0 : x0 + w] += win
+
+    def finish(self) -> np.ndarray:
+        """Normalise the remaining rows and return the label map (uint8, ``(H, W)``)."""
+        if not self._done:
+            self._flush(self.height - self._top)
+            self._done = True
+        return self.label_map
+
+    def _flush(self, n: int) -> None:
+        """Finalise image rows ``[top, top + n)`` and move the band down by ``n`` rows.
+
+        ``n`` may exceed the band height when whole grid rows were skipped; the
+        rows beyond the band were never covered and get the fill label.
+        """
+        n = min(n, self.height - self._top)
+        if n <= 0:
+            return
+        top = self._top
+        nb = min(n, self.tile)
+        acc = self._acc[:nb]
+        wsum = self._wsum[:nb]
+        covered = wsum > 0
+        probs = np.zeros_like(acc)
+        np.divide(acc, wsum[..., None], out=probs, where=covered[..., None])
+        probs[~covered, self.fill_label] = 1.0
+        self._emit(top, probs, wsum, covered)
+        if n > nb:  # rows no tile reached at all
+            gap = n - nb
+            empty = np.zeros((gap, self.width, self.depth), dtype=np.float32)
+            empty[..., self.fill_label] = 1.0
+            zero_w = np.zeros((gap, self.width), dtype=np.float32)
+            self._emit(top + nb, empty, zero_w, zero_w > 0)
+        # Shift the rolling band: rows below nb move up, the freed rows start empty.
+        keep = self.tile - nb
+        if keep > 0 and n == nb:
+            self._acc[:keep] = self._acc[nb:].copy()
+            self._wsum[:keep] = self._wsum[nb:].copy()
+            self._acc[keep:] = 0.0
+            self._wsum[keep:] = 0.0
+        else:
+            self._acc[:] = 0.0
+            self._wsum[:] = 0.0
+        self._top = top + n
+
+    def _emit(self, top: int, probs: np.ndarray, wsum: np.ndarray, covered: np.ndarray) -> None:
+        n = probs.shape[0]
+        labels = probs.argmax(axis=-1).astype(np.uint8)
+        self.label_map[top : top + n] = labels
+        self.coverage[top : top + n] = covered
+        self.label_counts += label_histogram(labels, self.depth)
+        if self.probs is not None:
+            self.probs[top : top + n] = probs
+        if self.consumer is not None:
+            self.consumer(top, probs, wsum)
+
+
+def label_histogram(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixel count of each label ``0..n-1`` in a uint8 map, without big temporaries.
+
+    ``np.bincount`` first converts its input to 64-bit integers: 512 MB for an
+    8192 x 8192 map. OpenCV's histogram reads the uint8 data as it is; it
+    returns float32, which is exact below 2**24, so it runs on row chunks of at
+    most 8 M pixels and the chunks are summed as integers.
+    """
+    lab = np.asarray(labels)
+    if lab.dtype != np.uint8:
+        lab = lab.astype(np.uint8)
+    if lab.ndim != 2:
+        lab = lab.reshape(1, -1) if lab.size else lab.reshape(0, 1)
+    total = np.zeros(256, dtype=np.int64)
+    if lab.size == 0:
+        return total[:n]
+    rows = max(1, 8_000_000 // max(1, lab.shape[1]))
+    for y in range(0, lab.shape[0], rows):
+        chunk = np.ascontiguousarray(lab[y : y + rows])
+        total += np.rint(cv2.calcHist([chunk], [0], None, [256], [0, 256]).ravel()).astype(np.int64)
+    return total[:n]
+
+
+def stitch(
+    shape: tuple[int, int],
+    tiles: list[tuple[int, int, np.ndarray]],
+    tile: int,
+    overlap: int,
+    *,
+    keep_probs: bool = True,
+    probs_dtype: np.dtype | type = np.float32,
+) -> Stitcher:
+    """Convenience: stitch a list of ``(y0, x0, map)`` tiles in one call (small images)."""
+    depth = tiles[0][2].shape[-1] if tiles else 1
+    st = Stitcher(shape, depth, tile, overlap, keep_probs=keep_probs, probs_dtype=probs_dtype)
+    for y0, x0, m in sorted(tiles, key=lambda t: (t[0], t[1])):
+        st.add(y0, x0, m)
+    st.finish()
+    return st
