@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, CheckpointError
+from calcinosis.model.fileio import atomic_path
 
 #: Key of the metadata JSON inside the ONNX model's metadata_props.
 ONNX_METADATA_KEY = "calcinosis"
@@ -58,23 +59,11 @@ def export_onnx(
     if extra_metadata:
         meta.update(extra_metadata)
 
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{onnx_path.name}.", suffix=".tmp", dir=onnx_path.parent
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(onnx_path) as tmp:
         _torch_export(wrapper, example, tmp, opset)
         proto = onnx.load(str(tmp))
         _set_metadata(proto, meta)
         onnx.save(proto, str(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; exports are meant to be shared
-        os.replace(tmp, onnx_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return onnx_path
 
 
@@ -151,10 +140,8 @@ def quantize_onnx(
         meta["quantization"] = "static-int8-qdq"
         meta["calibration_images"] = len(images)
         _set_metadata(proto, meta)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            onnx.save(proto, str(tmp))
     return dst
 
 

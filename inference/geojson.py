@@ -35,6 +35,7 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
+from calcinosis.model.fileio import atomic_write
 from calcinosis.model.labels import DEPOSIT_COLORS, DEPOSIT_DISPLAY
 
 #: Deposits (and holes in them) smaller than this many image pixels are dropped
@@ -137,10 +138,8 @@ def feature_collection(
 def write_geojson(path: str | Path, collection: Mapping[str, Any]) -> Path:
     """Write a FeatureCollection as compact UTF-8 JSON (atomic replace)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(path, "w", fsync=False) as fh:
         json.dump(collection, fh, ensure_ascii=False, separators=(",", ":"))
-    tmp.replace(path)
     return path
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from calcinosis.model.errors import CalcinosisError, CheckpointError
+from calcinosis.model.errors import CalcinosisError, CheckpointError, ImageReadError
 from calcinosis.model.labels import (
     CLASS_NAMES,
     DEPOSIT_LABELS,
@@ -61,6 +61,8 @@ TISSUE_THUMB_SIDE = 2048
 MPP_TOLERANCE = 0.02
 
 STATUSES = ("ok", "indeterminate", "no_tissue", "out_of_focus", "error")
+#: Float image arrays may stray this far outside [0, 1] (resampling overshoot) and are clipped.
+FLOAT_SLACK = 0.05
 
 
 @dataclass
@@ -655,7 +657,14 @@ class _Prepared:
 
 
 def load_image(image: Any) -> np.ndarray:
-    """Any accepted input -> ``(H, W, 3)`` uint8 RGB (paths via ``imageio.read_rgb``)."""
+    """Any accepted input -> ``(H, W, 3)`` uint8 RGB (paths via ``imageio.read_rgb``).
+
+    Arrays follow the same conventions as image files: ``(H, W)`` or
+    ``(H, W, 1)`` grey, ``(H, W, 2)`` grey + alpha, ``(H, W, 3)`` RGB, ``(H, W, 4)``
+    RGBA (alpha composited on white); uint8, uint16 (scaled 65535 -> 255),
+    other integers within 0..255, bool (0/255) or floats in [0, 1]. Anything
+    else raises :class:`ImageReadError` saying what was expected.
+    """
     if isinstance(image, (str, os.PathLike)):
         from calcinosis.training.imageio import read_rgb
 
@@ -673,20 +682,59 @@ def load_image(image: Any) -> np.ndarray:
             bg.paste(rgba, mask=rgba.getchannel("A"))
             return np.asarray(bg, dtype=np.uint8)
         return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-    arr = np.asarray(image)
+    try:
+        arr = np.asarray(image)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+        raise ImageReadError(f"cannot use {type(image).__name__} as an image: {exc}") from None
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"expected an RGB image array (H, W, 3), got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
-            arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        else:
-            raise ValueError(f"expected uint8 pixels (or floats in [0, 1]), got {arr.dtype}")
-    if arr.shape[2] == 4:
-        a = arr[..., 3:4].astype(np.float32) / 255.0
-        arr = (arr[..., :3] * a + 255.0 * (1 - a) + 0.5).astype(np.uint8)
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(
+            f"expected an image array (H, W), (H, W, 3) or (H, W, 4) with H, W >= 1, "
+            f"got shape {arr.shape}"
+        )
+    arr = _array_to_uint8(arr)
+    channels = arr.shape[2]
+    if channels in (2, 4):  # transparent pixels are glass: blend onto white
+        a = arr[..., -1:].astype(np.float32) / 255.0
+        colour = arr[..., :-1].astype(np.float32)
+        arr = (colour * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
     return np.ascontiguousarray(arr)
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixel values of any numeric dtype as uint8, by the usual image conventions."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:  # 16-bit samples, as read_rgb scales 16-bit files
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ImageReadError(
+                f"integer image array of {arr.dtype} has values {lo}..{hi}; expected 0..255 "
+                "(or pass uint16 for 16-bit data, or floats in [0, 1])"
+            )
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageReadError("image array holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        # A little slack for the overshoot of bicubic resampling; clipped below.
+        if lo < -FLOAT_SLACK or hi > 1.0 + FLOAT_SLACK:
+            raise ImageReadError(
+                f"float image array has values {lo:g}..{hi:g}; expected floats in [0, 1] "
+                "(or uint8 0..255)"
+            )
+        return (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    raise ImageReadError(
+        f"image array of dtype {arr.dtype} is not supported; pass uint8 (0..255), "
+        "uint16 or floats in [0, 1]"
+    )
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -204,12 +204,16 @@ class Stitcher:
         np.divide(acc, wsum[..., None], out=probs, where=covered[..., None])
         probs[~covered, self.fill_label] = 1.0
         self._emit(top, probs, wsum, covered)
-        if n > nb:  # rows no tile reached at all
-            gap = n - nb
-            empty = np.zeros((gap, self.width, self.depth), dtype=np.float32)
+        if n > nb:  # rows no tile reached at all (blank glass), a band at a time:
+            # one (gap, W, D) float array would be 8 GB for a blank 20000 x 20000 scan.
+            rows = min(n - nb, self.tile)
+            empty = np.zeros((rows, self.width, self.depth), dtype=np.float32)
             empty[..., self.fill_label] = 1.0
-            zero_w = np.zeros((gap, self.width), dtype=np.float32)
-            self._emit(top + nb, empty, zero_w, zero_w > 0)
+            zero_w = np.zeros((rows, self.width), dtype=np.float32)
+            uncovered = np.zeros((rows, self.width), dtype=bool)
+            for start in range(top + nb, top + n, rows):
+                k = min(rows, top + n - start)
+                self._emit(start, empty[:k], zero_w[:k], uncovered[:k])
         # Shift the rolling band: rows below nb move up, the freed rows start empty.
         keep = self.tile - nb
         if keep > 0 and n == nb:

@@ -9,10 +9,8 @@ tensors and a JSON header, so a checkpoint from a stranger cannot run code.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_path
 from .network import CalcinosisNet
 
 #: Bumped when the layout of the header or of the state dict changes in a way
@@ -68,21 +67,8 @@ def save_checkpoint(path: PathLike, model: nn.Module, metadata: dict[str, Any]) 
         raise TypeError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
 
     tensors = _state_tensors(net)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         _write_tensors(tensors, tmp, header)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
     return path
 
 
@@ -256,16 +242,6 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
     # Its own function so tests can simulate a crash halfway through a save.
     safetensors.torch.save_file(tensors, str(path), metadata=header)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _not_safetensors(path: Path, prefix: bytes) -> str:

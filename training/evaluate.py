@@ -65,7 +65,7 @@ def evaluate_checkpoint(
     Returns the metrics dict written to ``<out_dir>/metrics.json``.
     """
     from .data import PatchDataset, read_manifest
-    from .transforms import build_eval_transform
+    from .transforms import build_eval_transform, make_fork_safe
 
     checkpoint = Path(checkpoint)
     out = Path(out_dir) if out_dir is not None else checkpoint.parent / "report"
@@ -91,6 +91,8 @@ def evaluate_checkpoint(
     stain_normalize = (meta.get("config") or {}).get("augment", {}).get("stain_normalize", "none")
     transform = build_eval_transform(size, mean, std, stain_normalize=stain_normalize)
     dataset = PatchDataset(samples, class_names, stain_names, transform, mpp=meta.get("mpp"))
+    if num_workers > 0:
+        make_fork_safe()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     outputs = collect_outputs(model, loader, dev, "fp32")
     temperature = float(meta.get("temperature", 1.0))

@@ -14,7 +14,6 @@ and its mask (which carries no EXIF) stay aligned.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from calcinosis.model.errors import ImageReadError
+from calcinosis.model.fileio import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -112,8 +112,8 @@ def _limit_error(path: Path, w: int, h: int, max_pixels: int) -> ImageReadError:
         path,
         f"{w} x {h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} pixels. "
         "Tile large images or slides into patches, or lift the limit with "
-        f"read_rgb(..., max_pixels=N) or the environment variable {MAX_PIXELS_ENV}=N "
-        "(0 = no limit)",
+        "'calcinosis predict --max-pixels N', read_rgb(..., max_pixels=N) or the "
+        f"environment variable {MAX_PIXELS_ENV}=N (0 = no limit)",
     )
 
 
@@ -402,12 +402,20 @@ def _pil_mask_array(path: Path, im: Image.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-def write_png(path: str | os.PathLike[str], array: np.ndarray, compress_level: int = 1) -> Path:
+def write_png(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    compress_level: int = 1,
+    *,
+    fsync: bool = False,
+) -> Path:
     """Write ``array`` as PNG atomically: a temp file in the same folder, then ``os.replace``.
 
-    A reader (or a crashed run) never sees a half-written file. Accepts uint8
-    (H, W), (H, W, 3) RGB, (H, W, 4) RGBA, bool (as 0/255) and uint16 (H, W).
-    ``compress_level=1`` trades a little size for much faster writes.
+    A reader (or a crashed run) never sees a half-written file, and the file
+    gets the usual permissions (``0o666 & ~umask``). Accepts uint8 (H, W),
+    (H, W, 3) RGB, (H, W, 4) RGBA, bool (as 0/255) and uint16 (H, W).
+    ``compress_level=1`` trades a little size for much faster writes;
+    ``fsync=True`` also flushes the file to disk before the rename.
     """
     path = Path(path)
     arr = np.asarray(array)
@@ -424,16 +432,8 @@ def write_png(path: str | os.PathLike[str], array: np.ndarray, compress_level: i
             f"write_png needs uint8 (H,W), (H,W,3) or (H,W,4), or uint16 (H,W); got "
             f"{arr.dtype} {arr.shape}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            im.save(fh, format="PNG", compress_level=compress_level)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # No fsync: generated datasets and overlays are many small files that are
+    # cheap to recreate; the rename alone keeps readers from half-written PNGs.
+    with atomic_write(path, "wb", fsync=fsync) as fh:
+        im.save(fh, format="PNG", compress_level=compress_level)
     return path

@@ -1138,6 +1138,6 @@ def _pretty(name: str) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     # Write beside the target and rename, so a reader never sees half a file.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from calcinosis.model.fileio import atomic_write_text
+
+    atomic_write_text(path, text)

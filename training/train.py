@@ -63,6 +63,7 @@ from calcinosis.model import (
     save_checkpoint,
 )
 from calcinosis.model.checkpoint import unwrap_model
+from calcinosis.model.fileio import atomic_write_bytes
 
 from . import __version__, metrics
 from .config import Config, LossWeights, config_to_dict, load_config, save_config
@@ -310,7 +311,7 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader | None, EpochSampler, int]:
     """Train and validation loaders; returns them with the sampler and steps per epoch."""
     from .data import PatchDataset
-    from .transforms import build_eval_transform, build_train_transform
+    from .transforms import build_eval_transform, build_train_transform, make_fork_safe
 
     class_names = list(cfg.model.class_names)
     stain_names = list(cfg.model.stain_names)
@@ -356,6 +357,8 @@ def build_loaders(
         worker_init_fn=_worker_init,
         pin_memory=torch.cuda.is_available(),
     )
+    if workers > 0:
+        make_fork_safe()
     train_loader = DataLoader(
         SeededDataset(train_ds),
         batch_size=batch,
@@ -791,17 +794,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, flush it to disk, rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    atomic_write_bytes(path, data)
 
 
 def rng_state() -> dict[str, Any]:

@@ -234,6 +234,17 @@ class MacenkoNormalizer(ImageOnlyTransform):
 # --------------------------------------------------------------------------- pipeline
 
 
+def make_fork_safe() -> None:
+    """Shut OpenCV's thread pool down in this process before DataLoader workers fork.
+
+    A child forked while the pool is running inherits its locks but not its
+    threads, and its first call into OpenCV (even ``setNumThreads``) can wait
+    forever: the hang seen in the test suite and in the generator's pool. The
+    parent does no image work while workers exist, so one thread costs nothing.
+    """
+    cv2.setNumThreads(1)
+
+
 class Pipeline:
     """Callable wrapper: albumentations in, torch tensors out, worker-aware seeding.
 

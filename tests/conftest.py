@@ -1,0 +1,38 @@
+"""Shared fixtures. Each part prefixes its fixtures with its own name (``robust_``: bad input)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+#: Input side of the tiny checkpoint below: small enough to keep tests fast.
+ROBUST_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def robust_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight resnet10t CalcinosisNet at 64 px that calls every confident-enough
+    patch (indeterminate threshold 0), so statuses only reflect the input, not the weights."""
+    import torch
+
+    from calcinosis.model import ModelConfig, create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="resnet10t", decoder_channels=16))
+    meta = {
+        "input_size": ROBUST_SIZE,
+        "mpp": 0.5,
+        "temperature": 1.0,
+        "indeterminate_threshold": 0.0,
+        "min_tissue_fraction": 0.1,
+    }
+    path = tmp_path_factory.mktemp("robust_ckpt") / "tiny.safetensors"
+    return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="session")
+def robust_predictor(robust_checkpoint):
+    from calcinosis.inference.predictor import Predictor
+
+    return Predictor.from_checkpoint(robust_checkpoint, batch_size=8)
