@@ -67,6 +67,13 @@ def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
     p.add_argument("--sheet", default=None, help="also write a contact sheet PNG to this path")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=0.5,
+        help="microns per pixel to render at (default 0.5, a 20x scan); 1.0 shows twice "
+        "the tissue in the same pixels",
+    )
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +150,11 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument(
+        "--split",
+        default=None,
+        help="with CSV manifest inputs, only rows whose 'split' column is this (e.g. test)",
+    )
+    p.add_argument(
         "--mpp",
         type=float,
         default=None,
@@ -189,6 +201,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="threads for decoding and writing (default: all cores)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image (width x height) decoded; bigger ones get status=error "
+        "(default 100000000, or $CALCINOSIS_MAX_PIXELS; 0 = no limit). Images above "
+        "1.5 model inputs are tiled, but each is decoded whole in memory (3 bytes a pixel)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, DataError
+from calcinosis.model.fileio import atomic_write, atomic_write_text
 
 from .predictor import BACKENDS, PatchResult, Predictor
 
@@ -76,6 +77,7 @@ def collect_inputs(
     inputs: Sequence[str | os.PathLike[str]],
     exclude: Path | None = None,
     default_mpp: float | None = None,
+    split: str | None = None,
 ) -> list[InputItem]:
     """Expand files, folders (recursive) and CSV manifests into a list of images.
 
@@ -83,7 +85,8 @@ def collect_inputs(
     extension, in sorted order; files under ``exclude`` (the output folder) are
     skipped so a re-run never predicts its own overlays. A manifest needs a
     ``path`` column (relative paths are relative to the manifest) and may have
-    an ``mpp`` column. A path that does not exist becomes an error row.
+    an ``mpp`` column; with ``split``, only its rows of that split (a ``split``
+    column) are taken. A path that does not exist becomes an error row.
     """
     from calcinosis.training.imageio import IMAGE_EXTENSIONS
 
@@ -102,7 +105,7 @@ def collect_inputs(
                 print(f"warning: no images found in folder {p}", file=sys.stderr)
             items.extend(InputItem(f, default_mpp, str(raw)) for f in found)
         elif p.suffix.lower() == ".csv" and p.is_file():
-            items.extend(_read_manifest(p, default_mpp))
+            items.extend(_read_manifest(p, default_mpp, split))
         elif p.is_file():
             items.append(InputItem(p, default_mpp, str(raw)))
         else:
@@ -125,7 +128,9 @@ def collect_inputs(
     return unique
 
 
-def _read_manifest(path: Path, default_mpp: float | None) -> list[InputItem]:
+def _read_manifest(
+    path: Path, default_mpp: float | None, split: str | None = None
+) -> list[InputItem]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -135,6 +140,11 @@ def _read_manifest(path: Path, default_mpp: float | None) -> list[InputItem]:
                     f"manifest {path} has no 'path' column (columns: {', '.join(fields) or 'none'}); "
                     "add a header row with a 'path' column naming the images"
                 )
+            if split is not None and "split" not in fields:
+                raise DataError(
+                    f"manifest {path} has no 'split' column, so --split {split} cannot select "
+                    "rows; drop --split or add the column"
+                )
             rows = list(reader)
     except UnicodeDecodeError as exc:
         raise DataError(
@@ -143,6 +153,8 @@ def _read_manifest(path: Path, default_mpp: float | None) -> list[InputItem]:
     items = []
     for i, row in enumerate(rows, start=2):  # row 1 is the header
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if split is not None and row.get("split", "") != split:
+            continue
         rel = row.get("path", "")
         src = f"{path}:{i}"
         if not rel:
@@ -282,7 +294,15 @@ def run_predict(args: argparse.Namespace) -> int:
     backend = getattr(args, "backend", "torch")
     if backend not in BACKENDS:
         raise CalcinosisError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    items = collect_inputs(args.inputs, exclude=out, default_mpp=getattr(args, "mpp", None))
+    max_pixels = getattr(args, "max_pixels", None)
+    if max_pixels is not None and max_pixels < 0:
+        raise CalcinosisError(f"--max-pixels must be >= 0 (0 = no limit); got {max_pixels}")
+    items = collect_inputs(
+        args.inputs,
+        exclude=out,
+        default_mpp=getattr(args, "mpp", None),
+        split=getattr(args, "split", None),
+    )
     if not items:
         raise CalcinosisError(
             "no images found in the given inputs; pass image files, folders of images "
@@ -322,7 +342,7 @@ def run_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
             disable=getattr(args, "quiet", False),
         )
-        for chunk, images in _decoded_chunks(items, pool, predictor.batch_size):
+        for chunk, images in _decoded_chunks(items, pool, predictor.batch_size, max_pixels):
             results = _predict_chunk(predictor, [items[i] for i in chunk], images)
             for i, res in zip(chunk, results, strict=True):
                 res.path = str(items[i].path)
@@ -367,9 +387,9 @@ def run_predict(args: argparse.Namespace) -> int:
         "seconds_after_load": round(time.perf_counter() - t_ready, 2),
         "results": records,
     }
-    tmp = out / "predictions.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out / "predictions.json")
+    atomic_write_text(
+        out / "predictions.json", json.dumps(summary, indent=1, ensure_ascii=False), fsync=False
+    )
 
     statuses = Counter(r["status"] for r in rows if r)
     calls = Counter(r["prediction"] for r in rows if r and r["prediction"])
@@ -406,13 +426,17 @@ def _focus_arg(value: float | None) -> float | None:
 
 
 def _decoded_chunks(
-    items: list[InputItem], pool: ThreadPoolExecutor, batch_size: int
+    items: list[InputItem],
+    pool: ThreadPoolExecutor,
+    batch_size: int,
+    max_pixels: int | None = None,
 ) -> Iterator[tuple[list[int], dict[int, np.ndarray | BaseException]]]:
     """Chunks of item indices with their decoded images, decoding one chunk ahead.
 
     A chunk holds up to ``batch_size`` images and about ``PIXEL_BUDGET`` pixels
     (a big region is a chunk of its own), so at most two chunks of pixels are
-    in memory while the model works on one of them.
+    in memory while the model works on one of them. Images above ``max_pixels``
+    (None: ``imageio.DEFAULT_MAX_PIXELS``; 0: no limit) are never decoded.
     """
     from calcinosis.training.imageio import image_size
 
@@ -436,7 +460,7 @@ def _decoded_chunks(
             yield chunk
 
     def submit(chunk: list[int]) -> dict[int, Future]:
-        return {i: pool.submit(_read, items[i]) for i in chunk}
+        return {i: pool.submit(_read, items[i], max_pixels) for i in chunk}
 
     chunks = plan()
     current = next(chunks, None)
@@ -449,12 +473,12 @@ def _decoded_chunks(
         current, pending = nxt, nxt_pending
 
 
-def _read(item: InputItem) -> np.ndarray:
+def _read(item: InputItem, max_pixels: int | None = None) -> np.ndarray:
     if item.error is not None:
         raise CalcinosisError(item.error)
     from calcinosis.training.imageio import read_rgb
 
-    return read_rgb(item.path)
+    return read_rgb(item.path, max_pixels=max_pixels)
 
 
 def _result_or_exc(f: Future) -> np.ndarray | BaseException:
@@ -566,9 +590,7 @@ def _cell(v: Any) -> Any:
 
 
 def _write_csv(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path, "w", newline="", fsync=False) as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)

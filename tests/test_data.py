@@ -344,7 +344,7 @@ def test_load_samples_synthetic_reuses_until_settings_change(tmp_path, monkeypat
 
     calls = []
 
-    def fake_generate(out_dir, n_per_class_stain, size=128, seed=0, shift=0.0, workers=0):
+    def fake_generate(out_dir, n_per_class_stain, size=128, seed=0, shift=0.0, workers=0, mpp=0.5):
         calls.append((n_per_class_stain, size, seed, shift))
         out = Path(out_dir)
         rows = []

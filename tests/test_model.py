@@ -215,7 +215,7 @@ def test_missing_key_is_named(built_models, tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", built_models["resnet18"], _metadata())
     header = checkpoint_module.read_safetensors_header(path)["__metadata__"]
     tensors = safetensors.torch.load_file(path)
-    del tensors["classification_head.3.weight"]
+    del tensors["classification_head.fc.weight"]
     tensors["stain_head.3.bias"] = torch.zeros(7)
     broken = tmp_path / "broken.safetensors"
     safetensors.torch.save_file(tensors, broken, metadata=header)
@@ -223,7 +223,7 @@ def test_missing_key_is_named(built_models, tmp_path):
         load_checkpoint(broken)
     message = str(info.value)
     assert "broken.safetensors" in message
-    assert "classification_head.3.weight" in message
+    assert "classification_head.fc.weight" in message
     assert "stain_head.3.bias" in message and "(7,)" in message
 
 
@@ -309,13 +309,16 @@ def test_init_weights_from_own_checkpoint_with_other_classes(built_models, tmp_p
     source = built_models["resnet18"]
     path = save_checkpoint(tmp_path / "c.safetensors", source, _metadata())
     model = _build("resnet18", class_names=["calcinosis_cutis", "other"])
-    before = model.classification_head[3].weight.clone()
+    before = model.classification_head.fc.weight.clone()
     result = load_init_weights(model, path)
     assert torch.equal(model.encoder.layer4[1].conv2.weight, source.encoder.layer4[1].conv2.weight)
     assert torch.equal(model.stain_head[3].weight, source.stain_head[3].weight)
     assert torch.equal(model.decoder.fuse[0].weight, source.decoder.fuse[0].weight)
-    assert torch.equal(model.classification_head[3].weight, before)
-    assert set(result["missing"]) == {"classification_head.3.weight", "classification_head.3.bias"}
+    assert torch.equal(model.classification_head.fc.weight, before)
+    assert set(result["missing"]) == {
+        "classification_head.fc.weight",
+        "classification_head.fc.bias",
+    }
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from calcinosis.model.errors import DataError, ImageReadError
+from calcinosis.model.fileio import atomic_write_text
 from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS, STAIN_NAMES
 from calcinosis.training.imageio import IMAGE_EXTENSIONS, image_size, read_mask, read_rgb
 
@@ -686,7 +687,8 @@ def _ensure_synthetic(cfg: Any) -> Path:
 
     out = Path(cfg.output_dir) / "data"
     manifest, stamp = out / "manifest.csv", out / "synth.json"
-    settings = dataclasses.asdict(cfg.data.synthetic)
+    # Render at the resolution the model trains at, so no resampling blurs the patches.
+    settings = {**dataclasses.asdict(cfg.data.synthetic), "mpp": float(cfg.data.mpp)}
     record = json.loads(
         json.dumps(
             {
@@ -709,9 +711,7 @@ def _ensure_synthetic(cfg: Any) -> Path:
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     result = Path(synthetic.generate_dataset(out, **settings))
-    tmp = stamp.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, stamp)
+    atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
     return result
 
 

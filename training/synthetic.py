@@ -61,6 +61,7 @@ import cv2
 import numpy as np
 
 from calcinosis.model.errors import ConfigError, DataError
+from calcinosis.model.fileio import atomic_path, atomic_write_text
 from calcinosis.model.labels import (
     AMYLOID,
     BONE,
@@ -1532,11 +1533,9 @@ def generate_dataset(
         "shift": shift,
         "mpp": mpp,
     }
-    (root / "synthetic.json").write_text(json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(root / "synthetic.json", json.dumps(settings, indent=2) + "\n")
     manifest = root / "manifest.csv"
-    tmp = root / "manifest.csv.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, buf.getvalue())
     return manifest
 
 
@@ -1555,6 +1554,7 @@ def contact_sheet(
     seed: int = 0,
     shift: float = 0.0,
     examples: int = 2,
+    mpp: float = NOMINAL_MPP,
 ) -> Path:
     """PNG grid: rows = classes, columns = stains; each cell shows ``examples``
     patches, each followed by its label map in the overlay colours."""
@@ -1573,7 +1573,7 @@ def contact_sheet(
         for si, stain in enumerate(STAIN_NAMES):
             x = left + si * (cell_w + cell_gap)
             for e in range(examples):
-                rgb, labels = render_patch(label, stain, patch_seed(seed, e), size, shift)
+                rgb, labels = render_patch(label, stain, patch_seed(seed, e), size, shift, mpp=mpp)
                 sheet[y0 : y0 + size, x : x + size] = rgb
                 x += size + gap
                 sheet[y0 : y0 + size, x : x + size] = _mask_view(rgb, labels)
@@ -2145,15 +2145,11 @@ def _write_region_png(path: Path, image: np.ndarray) -> None:
         for y in range(0, image.shape[0], 256):
             band = image[y : y + 256]
             band[...] = band[..., ::-1]
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
+    with atomic_path(path, suffix=".tmp.png") as tmp:  # OpenCV picks the encoder by suffix
         if not cv2.imwrite(str(tmp), image, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise DataError(
                 f"could not write {path} (OpenCV imwrite failed; is the folder writable?)"
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _run_synth_region(args, region: str, stain: str) -> int:
@@ -2165,7 +2161,7 @@ def _run_synth_region(args, region: str, stain: str) -> int:
         )
     if stain not in STAIN_NAMES:
         raise ConfigError(f"unknown --stain {stain!r}; choose one of {', '.join(STAIN_NAMES)}")
-    plan = plan_region(width, height, args.seed)
+    plan = plan_region(width, height, args.seed, mpp=args.mpp)
     rgb, labels = render_plan(plan, stain, args.shift, workers=args.workers)
     labels_path = out.with_name(f"{out.stem}_labels.png")
     json_path = out.with_suffix(".json")
@@ -2173,9 +2169,7 @@ def _run_synth_region(args, region: str, stain: str) -> int:
     del rgb
     _write_region_png(labels_path, labels)
     # the JSON side-car last: its presence means the region is complete
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(_grid_json(region_metadata(plan, stain, args.shift)))
-    os.replace(tmp, json_path)
+    atomic_write_text(json_path, _grid_json(region_metadata(plan, stain, args.shift)))
     n_dep = sum(cell in DEPOSIT_CLASSES for row in plan.grid for cell in row)
     n_glass = sum(cell == GLASS for row in plan.grid for cell in row)
     print(
@@ -2202,10 +2196,13 @@ def run_synth(args) -> int:
         seed=args.seed,
         shift=args.shift,
         workers=args.workers,
+        mpp=args.mpp,
     )
     n = args.n_per_class_stain * len(CLASS_NAMES) * len(STAIN_NAMES)
-    print(f"wrote {n} patches ({args.size} px, {NOMINAL_MPP} um/px) and {manifest}")
+    print(f"wrote {n} patches ({args.size} px, {args.mpp} um/px) and {manifest}")
     if getattr(args, "sheet", None):
-        sheet = contact_sheet(args.sheet, size=args.size, seed=args.seed, shift=args.shift)
+        sheet = contact_sheet(
+            args.sheet, size=args.size, seed=args.seed, shift=args.shift, mpp=args.mpp
+        )
         print(f"wrote contact sheet {sheet}")
     return 0
