@@ -146,6 +146,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 batch,
             )
             e2e["model_rate"] = results[fastest]["throughput"]
+            e2e["model_cpu_ms_per_patch"] = results[fastest].get("cpu_ms_per_patch")
             if "rate" in e2e:
                 e2e["percent_of_model"] = 100.0 * e2e["rate"] / e2e["model_rate"]
             if "rate_tables_only" in e2e:
@@ -203,10 +204,12 @@ def _worker_model(job: dict[str, Any]) -> dict[str, Any]:
     first_s = time.perf_counter() - t0
     engine(xb)
     times = []
+    cpu0 = _cpu_seconds()
     for _ in range(iters):
         t0 = time.perf_counter()
         engine(xb)
         times.append(time.perf_counter() - t0)
+    cpu_per_patch = (_cpu_seconds() - cpu0) / (iters * bs)
     x1 = xb[:1]
     for _ in range(3):
         engine(x1)
@@ -227,6 +230,7 @@ def _worker_model(job: dict[str, Any]) -> dict[str, Any]:
         "latency_ms_median": 1000 * float(np.median(lat)),
         "latency_ms_p95": 1000 * float(np.percentile(lat, 95)),
         "first_call_s": first_s,
+        "cpu_ms_per_patch": 1000 * cpu_per_patch,
         "peak_rss_mb": _vm_hwm_mb(),
     }
 
@@ -254,11 +258,14 @@ def _worker_e2e(job: dict[str, Any]) -> dict[str, Any]:
     summary = json.loads((Path(job["out"]) / "predictions.json").read_text(encoding="utf-8"))
     n = len(summary["results"])
     secs = float(summary["seconds_after_load"])
+    cpu = float(summary.get("cpu_seconds_after_load") or 0.0)
     return {
         "rc": rc,
         "images": n,
         "seconds": secs,
         "rate": n / max(secs, 1e-9),
+        "cpu_ms_per_image": 1000 * cpu / max(n, 1),
+        "cores_busy": cpu / max(secs, 1e-9),
         "peak_rss_mb": _vm_hwm_mb(),
     }
 
@@ -286,6 +293,7 @@ def _end_to_end(
     lean = _run_worker({**job, "out": str(tmp / "e2e_lean"), "overlays": False})
     if "rate" in lean:
         res["rate_tables_only"] = lean["rate"]
+        res["cpu_ms_per_image_tables_only"] = lean.get("cpu_ms_per_image")
     res["backend"] = backend
     return res
 
@@ -293,6 +301,12 @@ def _end_to_end(
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _vm_hwm_mb() -> float | None:
@@ -382,6 +396,17 @@ def _print_table(
                 f"  without overlays and GeoJSON (--no-overlays --no-geojson): "
                 f"{e2e['rate_tables_only']:.1f} images/s = "
                 f"{e2e['percent_of_model_tables_only']:.0f}% of the model rate"
+            )
+        model_cpu = e2e.get("model_cpu_ms_per_patch")
+        if e2e.get("cpu_ms_per_image") and model_cpu:
+            lean_cpu = e2e.get("cpu_ms_per_image_tables_only")
+            print(
+                f"  CPU time per image (all threads): {e2e['cpu_ms_per_image']:.1f} ms end to end"
+                + (f", {lean_cpu:.1f} ms without overlays" if lean_cpu else "")
+                + f", {model_cpu:.1f} ms for the model alone; the run kept "
+                f"{e2e['cores_busy']:.1f} of {os.cpu_count()} cores busy (when that is all of "
+                f"them, the rate is bounded by about model CPU / end-to-end CPU = "
+                f"{100 * model_cpu / e2e['cpu_ms_per_image']:.0f}% of the model rate)"
             )
     elif e2e:
         print(f"end-to-end predict failed: {e2e.get('error')}")

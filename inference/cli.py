@@ -135,6 +135,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
             "Predict calibrated class probabilities, the stain and the deposit map for each "
             "input; write predictions.csv/json, overlay PNGs and QuPath GeoJSON. Images much "
             "larger than the network input are tiled (region mode) and get a tile table. "
+            "Whole-slide files (.svs .ndpi .scn .bif, tiled .tif; .mrxs .vms with OpenSlide) "
+            "are read a band of tiles at a time, never whole: see --level and --region. "
             "Exit status: 0 when every input was processed, 3 when some inputs could not "
             "be read (their rows say status=error and why), 2 for usage errors."
         ),
@@ -143,7 +145,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="image files, folders (searched recursively) or CSV manifests with a 'path' column",
+        help="image files, whole-slide files, folders (searched recursively) or CSV manifests "
+        "with a 'path' column",
     )
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint (.safetensors) or exported .onnx"
@@ -159,7 +162,24 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="microns per pixel of the inputs (default: the model's own; a manifest 'mpp' "
-        "column wins); images are resampled to the model's mpp and results mapped back",
+        "column wins); images are resampled to the model's mpp and results mapped back. "
+        "For whole-slide files: of level 0, overriding the mpp recorded in the slide",
+    )
+    p.add_argument(
+        "--level",
+        type=int,
+        default=None,
+        help="whole-slide files: pyramid level to read (0 = full resolution; default: the "
+        "coarsest level at least as fine as the model's mpp)",
+    )
+    p.add_argument(
+        "--region",
+        default=None,
+        metavar="X,Y,W,H",
+        help="whole-slide files: predict only this rectangle, in level-0 pixels from the "
+        "top-left corner (the coordinates QuPath shows; the GeoJSON comes back in the same "
+        "frame); default: the whole slide. With --level or --region, .tif files are always "
+        "read as slides",
     )
     p.add_argument(
         "--backend",
@@ -197,6 +217,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--no-geojson", action="store_true", help="do not write QuPath GeoJSON files")
     p.add_argument(
+        "--png-compression",
+        type=int,
+        default=None,
+        metavar="0-9",
+        help="zlib level of the overlay PNGs (default 1: fast, ~3x larger than 9; "
+        "9 = smallest files, several times slower to write)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -208,7 +236,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="largest image (width x height) decoded; bigger ones get status=error "
         "(default 100000000, or $CALCINOSIS_MAX_PIXELS; 0 = no limit). Images above "
-        "1.5 model inputs are tiled, but each is decoded whole in memory (3 bytes a pixel)",
+        "1.5 model inputs are tiled, but each is decoded whole in memory (3 bytes a pixel); "
+        "whole-slide files are not (a larger .tif is read as a slide when tiffslide is installed)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -35,7 +35,7 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
-from calcinosis.model.fileio import atomic_write
+from calcinosis.model.fileio import atomic_write_bytes
 from calcinosis.model.labels import DEPOSIT_COLORS, DEPOSIT_DISPLAY
 
 #: Deposits (and holes in them) smaller than this many image pixels are dropped
@@ -89,7 +89,8 @@ def label_map_to_features(
                 continue
             x, y, w, h = (int(v) for v in stats[idx, :4])
             sub = (comp[y : y + h, x : x + w] == idx).astype(np.uint8)
-            polys = _trace(sub, min_px)
+            # Traced straight into image coordinates (component crop at x, y).
+            polys = _trace(sub, min_px, (x * s + ox, y * s + oy), s)
             if not polys:
                 continue
             geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
@@ -97,13 +98,6 @@ def label_map_to_features(
                 geom = _polygonal(shapely.make_valid(geom))
                 if geom is None:
                     continue
-            # Component-crop pixels -> image coordinates.
-            geom = shapely.transform(
-                geom,
-                lambda c, x=x, y=y: np.column_stack(
-                    ((c[:, 0] + x) * s + ox, (c[:, 1] + y) * s + oy)
-                ),
-            )
             area_px = count * px_area
             measurements: dict[str, float] = {"area_px": float(area_px)}
             if mpp is not None and mpp > 0:
@@ -138,16 +132,25 @@ def feature_collection(
 def write_geojson(path: str | Path, collection: Mapping[str, Any]) -> Path:
     """Write a FeatureCollection as compact UTF-8 JSON (atomic replace)."""
     path = Path(path)
-    with atomic_write(path, "w", fsync=False) as fh:
-        json.dump(collection, fh, ensure_ascii=False, separators=(",", ":"))
-    return path
+    # json.dumps runs the C encoder; json.dump to a file would encode in Python.
+    text = json.dumps(collection, ensure_ascii=False, separators=(",", ":"))
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=False)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _trace(mask: np.ndarray, min_px: float) -> list[Polygon]:
-    """Polygons (with holes) of a binary mask, in the mask's pixel coordinates."""
+def _trace(
+    mask: np.ndarray,
+    min_px: float,
+    origin: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+) -> list[Polygon]:
+    """Polygons (with holes) of a binary mask.
+
+    Mask pixel coordinates ``(u, v)`` map to ``origin + scale * (u, v)``
+    (default: the mask's own pixel coordinates).
+    """
     up = np.repeat(np.repeat(mask, _UP, axis=0), _UP, axis=1)
     up = cv2.copyMakeBorder(up, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     _well_compose(up)
@@ -157,9 +160,13 @@ def _trace(mask: np.ndarray, min_px: float) -> list[Polygon]:
     hier = hierarchy[0]
     min_up = min_px * _UP * _UP
 
+    k = scale / _UP
+    shift = np.array([origin[0], origin[1]]) + (0.5 - 1.0) * k
+
     def coords(cnt: np.ndarray) -> np.ndarray:
-        # Upsampled pixel centre (u + 0.5), minus the 1-pixel border, back to mask units.
-        return (cnt.reshape(-1, 2).astype(np.float64) - 1.0 + 0.5) / _UP
+        # Upsampled pixel centre (u + 0.5), minus the 1-pixel border, back to mask
+        # units, then to the output frame.
+        return cnt.reshape(-1, 2) * k + shift
 
     polys: list[Polygon] = []
     for i, cnt in enumerate(contours):

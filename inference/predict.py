@@ -8,6 +8,12 @@ Outputs under ``--out``::
     geojson/<name>.geojson deposit outlines for QuPath (File > Import objects)
     tiles/<name>.csv       for tiled regions: one row per tile
 
+Whole-slide files (``slide.is_slide_file``) are predicted one at a time
+straight from the file, a band of tiles at a time (``--level``, ``--region``;
+see :mod:`calcinosis.inference.slide`); their overlay shows the region shrunk
+to at most :data:`SLIDE_OVERLAY_SIDE` pixels, and their GeoJSON is in the
+slide's level-0 coordinates, so it lands in place when imported in QuPath.
+
 ``<name>`` is derived from the input's file name, reduced to safe characters
 and made unique (``name``, ``name-2``, ...), so inputs with the same stem in
 different folders never overwrite each other and no name can leave ``--out``.
@@ -29,7 +35,7 @@ import time
 import traceback
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,6 +47,7 @@ import numpy as np
 from calcinosis.model.errors import CalcinosisError, DataError
 from calcinosis.model.fileio import atomic_write, atomic_write_text
 
+from .overlay import PNG_COMPRESSION
 from .predictor import BACKENDS, PatchResult, Predictor
 
 #: Exit status when some inputs failed (the others were still processed).
@@ -49,6 +56,8 @@ EXIT_SOME_FAILED = 3
 PIXEL_BUDGET = 64_000_000
 #: Longest output base name.
 MAX_NAME = 80
+#: Longest side of a whole-slide region's overlay (the region is shrunk to fit).
+SLIDE_OVERLAY_SIDE = 4096
 
 _WINDOWS_RESERVED = {
     "con",
@@ -90,13 +99,16 @@ def collect_inputs(
     """
     from calcinosis.training.imageio import IMAGE_EXTENSIONS
 
+    from .slide import SLIDE_ONLY_EXTENSIONS
+
+    extensions = IMAGE_EXTENSIONS | SLIDE_ONLY_EXTENSIONS
     items: list[InputItem] = []
     excl = exclude.resolve() if exclude is not None else None
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
             found = sorted(
-                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS),
+                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions),
                 key=lambda f: str(f).lower(),
             )
             if excl is not None:
@@ -297,6 +309,18 @@ def run_predict(args: argparse.Namespace) -> int:
     max_pixels = getattr(args, "max_pixels", None)
     if max_pixels is not None and max_pixels < 0:
         raise CalcinosisError(f"--max-pixels must be >= 0 (0 = no limit); got {max_pixels}")
+    # zlib level of the overlay PNGs (see overlay.PNG_COMPRESSION).
+    png_level = getattr(args, "png_compression", None)
+    png_level = PNG_COMPRESSION if png_level is None else int(png_level)
+    if not 0 <= png_level <= 9:
+        raise CalcinosisError(f"--png-compression must be 0-9; got {png_level}")
+    from .slide import is_slide_file, parse_region
+
+    region_arg = getattr(args, "region", None)
+    region = parse_region(region_arg) if region_arg else None
+    level = getattr(args, "level", None)
+    if level is not None and level < 0:
+        raise CalcinosisError(f"--level must be >= 0 (0 = full resolution); got {level}")
     items = collect_inputs(
         args.inputs,
         exclude=out,
@@ -306,7 +330,23 @@ def run_predict(args: argparse.Namespace) -> int:
     if not items:
         raise CalcinosisError(
             "no images found in the given inputs; pass image files, folders of images "
-            "(.png .jpg .jpeg .tif .tiff .bmp .webp) or a CSV manifest with a 'path' column"
+            "(.png .jpg .jpeg .tif .tiff .bmp .webp), whole-slide files (.svs .ndpi .scn .bif "
+            ".mrxs ...) or a CSV manifest with a 'path' column"
+        )
+    force = region is not None or level is not None
+    slides = [
+        i
+        for i, it in enumerate(items)
+        if it.error is None and is_slide_file(it.path, force=force, max_pixels=max_pixels)
+    ]
+    slide_set = set(slides)
+    plain = [i for i in range(len(items)) if i not in slide_set]
+    n_plain = sum(1 for i in plain if items[i].error is None)
+    if force and n_plain:
+        print(
+            f"warning: --level/--region apply to whole-slide files only; {n_plain} ordinary "
+            "image(s) are predicted whole",
+            file=sys.stderr,
         )
     t0 = time.perf_counter()
     predictor = Predictor.from_checkpoint(
@@ -319,6 +359,7 @@ def run_predict(args: argparse.Namespace) -> int:
         focus_threshold=_focus_arg(getattr(args, "focus_threshold", None)),
     )
     t_ready = time.perf_counter()
+    cpu_ready = _cpu_seconds()
     overlays = not getattr(args, "no_overlays", False)
     geojson = not getattr(args, "no_geojson", False)
     workers = getattr(args, "workers", None) or (os.cpu_count() or 1)
@@ -342,26 +383,51 @@ def run_predict(args: argparse.Namespace) -> int:
             file=sys.stderr,
             disable=getattr(args, "quiet", False),
         )
-        for chunk, images in _decoded_chunks(items, pool, predictor.batch_size, max_pixels):
+
+        def record(i: int, res: PatchResult, image: Any, max_side: int | None = None) -> None:
+            res.path = str(items[i].path)
+            files = _planned_files(out, names[i], res, overlays, geojson)
+            rows[i] = result_row(res, predictor.class_names, predictor.deposit_labels, files)
+            rec = res.to_dict()
+            rec["name"] = names[i]
+            rec["source"] = items[i].source
+            rec["outputs"] = files
+            records[i] = rec
+            if files:
+                writes.append(
+                    pool.submit(
+                        _write_outputs, out, names[i], res, image, files, png_level, max_side
+                    )
+                )
+            else:
+                res.label_map = None
+
+        # Decoding threads also run the tissue and focus checks (predictor.prepare),
+        # so the main thread mostly waits on the network.
+        chunks = _decoded_chunks(
+            items,
+            pool,
+            predictor.batch_size,
+            max_pixels,
+            indices=plain,
+            prepare=predictor.prepare,
+        )
+        for chunk, images in chunks:
             results = _predict_chunk(predictor, [items[i] for i in chunk], images)
             for i, res in zip(chunk, results, strict=True):
-                res.path = str(items[i].path)
-                files = _planned_files(out, names[i], res, overlays, geojson)
-                rows[i] = result_row(res, predictor.class_names, predictor.deposit_labels, files)
-                rec = res.to_dict()
-                rec["name"] = names[i]
-                rec["source"] = items[i].source
-                rec["outputs"] = files
-                records[i] = rec
-                if files:
-                    writes.append(
-                        pool.submit(_write_outputs, out, names[i], res, images.get(i), files)
-                    )
-                else:
-                    res.label_map = None
+                record(i, res, _pixels(images.get(i)))
             bar.update(len(chunk))
             # Keep memory bounded: wait for writes of earlier chunks.
             while len(writes) > 2 * predictor.batch_size:
+                writes.pop(0).result()
+        for i in slides:
+            res, thumb = _predict_slide(
+                predictor, items[i], level, region, SLIDE_OVERLAY_SIDE if overlays else None
+            )
+            record(i, res, thumb, SLIDE_OVERLAY_SIDE)
+            bar.update(1)
+            # At most one slide's maps are still being written while the next is predicted.
+            while len(writes) > 1:
                 writes.pop(0).result()
         for f in writes:
             f.result()
@@ -385,6 +451,9 @@ def run_predict(args: argparse.Namespace) -> int:
         "tile_overlap": predictor.tile_overlap,
         "seconds": round(elapsed, 2),
         "seconds_after_load": round(time.perf_counter() - t_ready, 2),
+        # CPU time of all threads (decoding, network, overlays): with seconds_after_load,
+        # how many cores the run kept busy.
+        "cpu_seconds_after_load": round(_cpu_seconds() - cpu_ready, 2),
         "results": records,
     }
     atomic_write_text(
@@ -417,6 +486,12 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _focus_arg(value: float | None) -> float | None:
     from .predictor import FOCUS_MIN
 
@@ -430,20 +505,27 @@ def _decoded_chunks(
     pool: ThreadPoolExecutor,
     batch_size: int,
     max_pixels: int | None = None,
-) -> Iterator[tuple[list[int], dict[int, np.ndarray | BaseException]]]:
+    indices: Sequence[int] | None = None,
+    prepare: Callable[..., Any] | None = None,
+) -> Iterator[tuple[list[int], dict[int, Any]]]:
     """Chunks of item indices with their decoded images, decoding one chunk ahead.
 
     A chunk holds up to ``batch_size`` images and about ``PIXEL_BUDGET`` pixels
     (a big region is a chunk of its own), so at most two chunks of pixels are
     in memory while the model works on one of them. Images above ``max_pixels``
     (None: ``imageio.DEFAULT_MAX_PIXELS``; 0: no limit) are never decoded.
+    ``indices`` restricts the work to those items (default: all). With
+    ``prepare`` (``Predictor.prepare``), each decoding thread also prepares its
+    image, and the values are prepared images instead of arrays; a value is
+    the exception instead when reading or preparing failed.
     """
     from calcinosis.training.imageio import image_size
 
     def plan() -> Iterator[list[int]]:
         chunk: list[int] = []
         pixels = 0
-        for i, it in enumerate(items):
+        for i in range(len(items)) if indices is None else indices:
+            it = items[i]
             px = 0
             if it.error is None:
                 try:
@@ -460,7 +542,7 @@ def _decoded_chunks(
             yield chunk
 
     def submit(chunk: list[int]) -> dict[int, Future]:
-        return {i: pool.submit(_read, items[i], max_pixels) for i in chunk}
+        return {i: pool.submit(_read, items[i], max_pixels, prepare) for i in chunk}
 
     chunks = plan()
     current = next(chunks, None)
@@ -473,15 +555,35 @@ def _decoded_chunks(
         current, pending = nxt, nxt_pending
 
 
-def _read(item: InputItem, max_pixels: int | None = None) -> np.ndarray:
+def _read(
+    item: InputItem, max_pixels: int | None = None, prepare: Callable[..., Any] | None = None
+) -> Any:
+    """Decode one input (in a pool thread), and prepare it when ``prepare`` is given."""
     if item.error is not None:
         raise CalcinosisError(item.error)
     from calcinosis.training.imageio import read_rgb
 
-    return read_rgb(item.path, max_pixels=max_pixels)
+    rgb = read_rgb(item.path, max_pixels=max_pixels)
+    if prepare is None:
+        return rgb
+    try:
+        return prepare(rgb, item.mpp)
+    except (CalcinosisError, OSError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so, with its traceback
+        traceback.print_exc(file=sys.stderr)
+        raise CalcinosisError(f"internal error: {_reason(exc)}") from exc
 
 
-def _result_or_exc(f: Future) -> np.ndarray | BaseException:
+def _pixels(value: Any) -> np.ndarray | None:
+    """The decoded image of a ``_decoded_chunks`` value (an array or a prepared image)."""
+    if isinstance(value, np.ndarray):
+        return value
+    rgb = getattr(value, "rgb", None)
+    return rgb if isinstance(rgb, np.ndarray) else None
+
+
+def _result_or_exc(f: Future) -> Any:
     try:
         return f.result()
     except Exception as exc:  # noqa: BLE001 - reported as the row's reason
@@ -489,8 +591,9 @@ def _result_or_exc(f: Future) -> np.ndarray | BaseException:
 
 
 def _predict_chunk(
-    predictor: Predictor, items: list[InputItem], images: dict[int, np.ndarray | BaseException]
+    predictor: Predictor, items: list[InputItem], images: dict[int, Any]
 ) -> list[PatchResult]:
+    """Results for one chunk; ``images`` values: arrays, prepared images or exceptions."""
     keys = list(images)
     good = [k for k in keys if not isinstance(images[k], BaseException)]
     out: dict[int, PatchResult] = {}
@@ -498,19 +601,49 @@ def _predict_chunk(
         if isinstance(images[k], BaseException):
             out[k] = PatchResult(status="error", reason=_reason(images[k]))
     if good:
+        values = [images[k] for k in good]
         try:
-            res = predictor.predict_batch(
-                [images[k] for k in good], mpp=[items[keys.index(k)].mpp for k in good]
-            )
+            if all(isinstance(v, np.ndarray) for v in values):
+                res = predictor.predict_batch(values, mpp=[items[keys.index(k)].mpp for k in good])
+            else:
+                res = predictor.predict_prepared(values)
             out.update(zip(good, res, strict=True))
         except Exception:  # noqa: BLE001 - isolate the image that broke the batch
             for k in good:
                 try:
-                    out[k] = predictor.predict(images[k], mpp=items[keys.index(k)].mpp)
+                    out[k] = predictor.predict(_pixels(images[k]), mpp=items[keys.index(k)].mpp)
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc(file=sys.stderr)
                     out[k] = PatchResult(status="error", reason=f"internal error: {_reason(exc)}")
     return [out[k] for k in keys]
+
+
+def _predict_slide(
+    predictor: Predictor,
+    item: InputItem,
+    level: int | None,
+    region: tuple[int, int, int, int] | None,
+    overlay_side: int | None,
+) -> tuple[PatchResult, np.ndarray | None]:
+    """One whole-slide input; failures become an error row, as for images."""
+    from .slide import predict_slide
+
+    if item.error is not None:
+        return PatchResult(status="error", reason=item.error), None
+    try:
+        return predict_slide(
+            predictor,
+            item.path,
+            level=level,
+            region=region,
+            mpp=item.mpp,
+            overlay_side=overlay_side,
+        )
+    except (CalcinosisError, OSError, ValueError) as exc:
+        return PatchResult(status="error", reason=_reason(exc)), None
+    except Exception as exc:  # noqa: BLE001 - one broken slide must not stop the run
+        traceback.print_exc(file=sys.stderr)
+        return PatchResult(status="error", reason=f"internal error: {_reason(exc)}"), None
 
 
 def _reason(exc: BaseException) -> str:
@@ -534,34 +667,67 @@ def _planned_files(
     return files
 
 
-def _write_outputs(out: Path, name: str, res: PatchResult, rgb: Any, files: dict[str, str]) -> None:
-    """Overlay PNG, GeoJSON and tile table of one result (runs in the thread pool)."""
-    from calcinosis.training.imageio import write_png
+def _write_outputs(
+    out: Path,
+    name: str,
+    res: PatchResult,
+    rgb: Any,
+    files: dict[str, str],
+    png_level: int = PNG_COMPRESSION,
+    max_side: int | None = None,
+) -> None:
+    """Overlay PNG, GeoJSON and tile table of one result (runs in the thread pool).
+
+    ``png_level`` is the overlay PNG's zlib level (``overlay.PNG_COMPRESSION``).
+    ``rgb`` may be smaller than the label map (a slide region's shrunk copy):
+    the map is then shrunk to it, nearest-neighbour, for the overlay, whose
+    longest side ``max_side`` caps (default ``overlay.MAX_SIDE``). A slide's
+    GeoJSON is written in the slide's level-0 coordinates (``res.slide``).
+    """
+    import cv2
 
     from .geojson import feature_collection, label_map_to_features, write_geojson
-    from .overlay import render_overlay
+    from .overlay import MAX_SIDE, render_overlay, write_overlay
 
     try:
         lm = res.label_map
+        slide = res.slide
         if "overlay" in files and isinstance(rgb, np.ndarray):
             title = Path(res.path or name).name
+            if slide:
+                title += f"  level {slide['level']}, region {','.join(map(str, slide['region']))}"
             if res.mode == "region" and res.region:
                 title += f"  ({res.region['tissue_tiles']} tissue tiles)"
+            ov_lm = lm
+            if lm is not None and lm.shape != rgb.shape[:2]:
+                ov_lm = cv2.resize(
+                    lm, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST
+                )
             img = render_overlay(
                 rgb,
-                lm,
+                ov_lm,
                 res.probabilities or None,
                 res.prediction,
                 res.stain,
                 title,
                 status=res.status,
                 stain_prob=res.stain_probability,
+                max_side=max_side or MAX_SIDE,
             )
-            write_png(out / files["overlay"], img)
+            del ov_lm
+            write_overlay(out / files["overlay"], img, png_level)
         if "geojson" in files and lm is not None:
+            mpp, offset, scale = res.mpp, (0.0, 0.0), 1.0
+            if slide:
+                # Label-map pixels (of the level read) -> the slide's level-0 pixels.
+                scale = float(slide["level_downsample"])
+                offset = (float(slide["origin"][0]), float(slide["origin"][1]))
+                mpp = res.mpp / scale if res.mpp else None
             feats = label_map_to_features(
                 lm,
-                res.mpp,
+                mpp,
+                offset=offset,
+                scale=scale,
                 properties={"source": Path(res.path or name).name},
             )
             props = {
@@ -570,8 +736,12 @@ def _write_outputs(out: Path, name: str, res: PatchResult, rgb: Any, files: dict
                 "status": res.status,
                 "probabilities": res.probabilities,
                 "stain": res.stain,
-                "mpp": res.mpp,
+                "mpp": mpp,
             }
+            if slide:
+                props["slide"] = {
+                    k: slide[k] for k in ("reader", "level", "level_downsample", "region", "origin")
+                }
             write_geojson(out / files["geojson"], feature_collection(feats, props))
         if "tiles" in files and res.tiles is not None:
             keys: list[str] = []

@@ -38,7 +38,7 @@ from calcinosis.model.labels import (
     STAIN_NAMES,
 )
 
-from .tiling import Stitcher, label_histogram, pad_to_tile, tile_grid
+from .tiling import ArraySource, PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
 from .tissue import focus_measure, tissue_mask
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class PatchResult:
     tiles: list[dict[str, Any]] | None = field(default=None, repr=False)
     #: Region mode: the summary over tissue tiles.
     region: dict[str, Any] | None = None
+    #: Whole-slide input: reader, levels, the level and region read, and the mapping of
+    #: label-map pixels to slide coordinates (see ``slide.predict_slide``).
+    slide: dict[str, Any] | None = None
 
     def to_dict(self, include_tiles: bool = False) -> dict[str, Any]:
         """Plain, JSON-ready data (no label map; tiles only on request)."""
@@ -170,6 +173,10 @@ class _OnnxEngine:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
         so.inter_op_num_threads = 1
+        # Idle worker threads sleep instead of spinning: spinning burns the cores
+        # that decoding and overlay threads (or other processes) need, and on the
+        # project's 2-core machines it made even the bare model slower.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -307,8 +314,59 @@ class Predictor:
     # ------------------------------------------------------------------ public API
 
     def predict(self, image: Any, mpp: float | None = None) -> PatchResult:
-        """Predict one image: an ``(H, W, 3)`` uint8 array, a PIL image or a path."""
+        """Predict one image: an ``(H, W, 3)`` uint8 array, a PIL image or a path.
+
+        A path to a whole-slide file (see ``slide.is_slide_file``) is predicted
+        with :meth:`predict_slide` over the whole slide.
+        """
         return self.predict_batch([image], mpp=mpp)[0]
+
+    def predict_slide(
+        self,
+        path: str | os.PathLike[str],
+        level: int | None = None,
+        region: tuple[int, int, int, int] | None = None,
+        mpp: float | None = None,
+    ) -> PatchResult:
+        """Predict a region ``(x, y, w, h)`` (level-0 pixels; default: everything) of a slide.
+
+        The slide is read a band of tiles at a time, never whole. ``level``
+        defaults to the coarsest one at least as fine as the model's mpp;
+        ``mpp`` is level 0's (default: the slide's own). See
+        :func:`calcinosis.inference.slide.predict_slide`.
+        """
+        from .slide import predict_slide
+
+        return predict_slide(self, path, level=level, region=region, mpp=mpp)[0]
+
+    def predict_source(
+        self, source: PixelSource, mpp: float | None = None, name: str | None = None
+    ) -> PatchResult:
+        """Predict an image served by a pixel source (``tiling.PixelSource``), such as a slide region.
+
+        A source that is small at the model's mpp is read whole and predicted
+        like an array; a larger one is tiled straight from the source,
+        resampled a band at a time when its mpp differs from the model's, so
+        it is never held whole.
+        """
+        h0, w0 = source.shape[:2]
+        img_mpp, factor, assumed = self._resolution(mpp)
+        s = self.input_size
+        nh, nw = max(1, round(h0 * factor)), max(1, round(w0 * factor))
+        if not (nh > REGION_FACTOR * s or nw > REGION_FACTOR * s):
+            return self.predict_batch([source.read(0, 0, h0, w0)], mpp=[mpp], names=[name])[0]
+        base = PatchResult(
+            path=name,
+            mpp=img_mpp,
+            mpp_assumed=assumed and img_mpp is not None,
+            height=h0,
+            width=w0,
+            mode="region",
+        )
+        src = source if factor == 1.0 else ResampledSource(source, factor)
+        prep = _Prepared(rgb=None, work=None, factor=factor, result_template=base, region=True)
+        prep.source = src
+        return self._predict_region(prep)
 
     def predict_batch(
         self,
@@ -331,6 +389,9 @@ class Predictor:
         for i, img in enumerate(images):
             name = names[i] if names[i] is not None else _name_of(img)
             try:
+                if isinstance(img, (str, os.PathLike)) and _is_slide_path(img):
+                    results[i] = self.predict_slide(img, mpp=mpps[i])
+                    continue
                 rgb = load_image(img)
                 prep = self._prepare(rgb, mpps[i], name)
             except (CalcinosisError, OSError, ValueError) as exc:
@@ -342,13 +403,44 @@ class Predictor:
                 results[i] = self._predict_region(prep)
             else:
                 pending.append((i, prep))
+        self._run_patches(pending, results)
+        return [r for r in results if r is not None]
+
+    def prepare(self, image: Any, mpp: float | None = None, name: str | None = None) -> _Prepared:
+        """Read an image and run the checks that need no network (tissue, focus, resampling).
+
+        Safe to call from several threads at once: ``calcinosis predict`` runs
+        it in its decoding threads, so these checks overlap the network. Hand
+        the results to :meth:`predict_prepared`. Raises what reading raises.
+        """
+        return self._prepare(load_image(image), mpp, name if name is not None else _name_of(image))
+
+    def predict_prepared(self, preps: Sequence[_Prepared]) -> list[PatchResult]:
+        """Finish images from :meth:`prepare`: patches in network batches, regions tiled.
+
+        The same results as :meth:`predict_batch` on the same images, in order.
+        """
+        results: list[PatchResult | None] = [None] * len(preps)
+        pending: list[tuple[int, _Prepared]] = []
+        for i, prep in enumerate(preps):
+            if prep.result is not None:
+                results[i] = prep.result
+            elif prep.region:
+                results[i] = self._predict_region(prep)
+            else:
+                pending.append((i, prep))
+        self._run_patches(pending, results)
+        return [r for r in results if r is not None]
+
+    def _run_patches(
+        self, pending: list[tuple[int, _Prepared]], results: list[PatchResult | None]
+    ) -> None:
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
             batch = np.stack([p.model_input for _, p in chunk])
             cls_l, stain_l, dep_l = self.engine(self._normalise(batch))
             for j, (i, prep) in enumerate(chunk):
                 results[i] = self._finish_patch(prep, cls_l[j], stain_l[j], dep_l[j])
-        return [r for r in results if r is not None]
 
     # ------------------------------------------------------------------ internals
 
@@ -363,16 +455,21 @@ class Predictor:
         """Calibrated class probabilities: softmax of logits divided by the temperature."""
         return _softmax(np.asarray(class_logits, np.float32) / self.temperature, axis=-1)
 
-    def _prepare(self, rgb: np.ndarray, mpp: float | None, name: str | None) -> _Prepared:
-        h0, w0 = rgb.shape[:2]
-        mpp_assumed = mpp is None
+    def _resolution(self, mpp: float | None) -> tuple[float | None, float, bool]:
+        """(the image's mpp, the scale factor to the model's mpp, whether the mpp was assumed)."""
         img_mpp = self.model_mpp if mpp is None else float(mpp)
         if img_mpp is not None and img_mpp <= 0:
             raise ValueError(f"mpp must be > 0 (microns per pixel), got {img_mpp}")
-        work = rgb
         factor = 1.0
         if mpp is not None and self.model_mpp and abs(mpp / self.model_mpp - 1) > MPP_TOLERANCE:
             factor = float(mpp) / float(self.model_mpp)  # >1: image is coarser, enlarge it
+        return img_mpp, factor, mpp is None
+
+    def _prepare(self, rgb: np.ndarray, mpp: float | None, name: str | None) -> _Prepared:
+        h0, w0 = rgb.shape[:2]
+        img_mpp, factor, mpp_assumed = self._resolution(mpp)
+        work = rgb
+        if factor != 1.0:
             nh, nw = max(1, round(h0 * factor)), max(1, round(w0 * factor))
             interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
             work = cv2.resize(rgb, (nw, nh), interpolation=interp)
@@ -432,21 +529,28 @@ class Predictor:
         return res
 
     def _predict_region(self, prep: _Prepared) -> PatchResult:
-        """Tile, run, stitch and summarise an image much larger than the input."""
+        """Tile, run, stitch and summarise an image much larger than the input.
+
+        Pixels come from a pixel source (the in-memory image, or a slide
+        region read band by band), one tile at a time in row-major order;
+        tiles beyond the image read as white glass, as if padded.
+        """
         res = prep.result_template
         s, ov = self.input_size, self.tile_overlap
-        work = prep.work
-        hw, ww = work.shape[:2]
-        padded = pad_to_tile(work, s)
+        if prep.source is not None:
+            src: PixelSource = prep.source
+        else:
+            assert prep.work is not None
+            src = ArraySource(prep.work)
+        hw, ww = src.shape[:2]
         # Tissue on a thumbnail: bounded memory and time on big regions.
         ds = max(1, int(np.ceil(max(hw, ww) / TISSUE_THUMB_SIDE)))
         if ds == 1:
-            thumb = work
+            thumb = src.read(0, 0, hw, ww)
         else:
-            thumb = cv2.resize(
-                work, (max(1, ww // ds), max(1, hw // ds)), interpolation=cv2.INTER_AREA
-            )
+            thumb = src.thumbnail(max(1, ww // ds), max(1, hw // ds))
         tmask = tissue_mask(thumb)
+        del thumb
         tissue_frac_total = float(tmask.mean())
         # Integral image of the tissue mask: tissue fraction of any tile in O(1).
         integ = cv2.integral(tmask.astype(np.uint8))
@@ -479,29 +583,30 @@ class Predictor:
                 max(xa + 1, int(np.ceil((x0 + s) * sx))),
             )
             part = np.zeros((yb - ya, xb - xa), np.uint8)
-            src = tmask[ya:yb, xa:xb]
-            part[: src.shape[0], : src.shape[1]] = src
+            sub = tmask[ya:yb, xa:xb]
+            part[: sub.shape[0], : sub.shape[1]] = sub
             return cv2.resize(part, (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
 
         depth = len(self.deposit_labels)
         stitcher = Stitcher((hw, ww), depth, s, ov)
-        grid = tile_grid(padded.shape[:2], s, ov)
+        grid = tile_grid((max(hw, s), max(ww, s)), s, ov)
         tiles: list[dict[str, Any]] = []
         agg_w: list[float] = []
         agg_p: list[np.ndarray] = []
         agg_s: list[np.ndarray] = []
         inv = 1.0 / prep.factor
-        todo: list[tuple[dict[str, Any], int, int]] = []
+        # Tiles waiting for the network, with their pixels: a source is read once, in order.
+        todo: list[tuple[dict[str, Any], int, int, np.ndarray]] = []
 
         def flush() -> None:
             if not todo:
                 return
-            batch = np.stack([padded[y : y + s, x : x + s] for _, y, x in todo])
+            batch = np.stack([t[3] for t in todo])
             cls_l, stain_l, dep_l = self.engine(self._normalise(batch))
             probs = self.calibrated(cls_l)
             stain_p = _softmax(np.asarray(stain_l, np.float32), axis=-1)
             dep = _softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)
-            for j, (row, y, x) in enumerate(todo):
+            for j, (row, y, x, _) in enumerate(todo):
                 tile_map = np.ascontiguousarray(dep[j])
                 stitcher.add(y, x, tile_map)
                 p = probs[j]
@@ -538,7 +643,7 @@ class Predictor:
             if tf < self.min_tissue_fraction:
                 row.update(status="no_tissue", prediction=None)
                 continue
-            tile_img = padded[y0 : y0 + s, x0 : x0 + s]
+            tile_img = src.read(y0, x0, s, s)
             foc = focus_measure(tile_img, tile_mask(y0, x0))
             row["focus"] = foc
             row["status"] = (
@@ -546,7 +651,7 @@ class Predictor:
                 if self.focus_threshold is not None and foc < self.focus_threshold
                 else "ok"
             )
-            todo.append((row, y0, x0))
+            todo.append((row, y0, x0, tile_img))
             if len(todo) >= self.batch_size:
                 flush()
         flush()
@@ -644,13 +749,15 @@ class Predictor:
 
 @dataclass
 class _Prepared:
-    rgb: np.ndarray
-    work: np.ndarray
+    rgb: np.ndarray | None
+    work: np.ndarray | None
     factor: float
     result_template: PatchResult
     region: bool = False
     model_input: np.ndarray | None = None
     result: PatchResult | None = None
+    #: Region mode: where the tiles' pixels come from (None: ``work``).
+    source: PixelSource | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -807,6 +914,12 @@ def _resize_probs(p: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         cv2.resize(p[..., k], (w, h), interpolation=cv2.INTER_LINEAR) for k in range(p.shape[-1])
     ]
     return np.stack(chans, axis=-1)
+
+
+def _is_slide_path(path: str | os.PathLike[str]) -> bool:
+    from .slide import is_slide_file
+
+    return is_slide_file(path)
 
 
 def _name_of(image: Any) -> str | None:

@@ -16,11 +16,24 @@ touches it). So the stitcher keeps only a rolling band ``tile`` rows high
 tile = 128, D = 5), normalises finished rows, and hands them to a consumer
 that keeps what is wanted at low cost: the argmax label map (uint8, 64 MB for
 8192 x 8192) and, only on request, the probabilities at float16.
+
+Where the pixels come from (pixel sources)
+------------------------------------------
+The tiler never needs the whole image at once either: it asks a *pixel
+source* (:class:`PixelSource`: a ``shape`` and ``read(y, x, h, w)``) for one
+tile at a time, in the same row-major order, and for one small thumbnail for
+tissue detection. :class:`ArraySource` serves an image already in memory; a
+whole-slide region (``slide.SlideRegionSource``) decodes only the slide tiles
+under the rows asked for; :class:`ResampledSource` puts either at the model's
+microns per pixel one band of rows at a time. So a numpy array and a slide
+share one code path, and a slide region is never held whole.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -277,3 +290,170 @@ def stitch(
         st.add(y0, x0, m)
     st.finish()
     return st
+
+
+# --------------------------------------------------------------------------- pixel sources
+
+
+@runtime_checkable
+class PixelSource(Protocol):
+    """Anything the tiler can read RGB pixels from, a window at a time.
+
+    ``shape`` is ``(H, W, 3)``. ``read(y, x, h, w)`` returns an ``(h, w, 3)``
+    uint8 array; parts of the window beyond the image are white (empty glass,
+    as :func:`pad_to_tile` pads), so edge tiles need no special case.
+    ``thumbnail(width, height)`` returns the whole image shrunk to
+    ``(height, width, 3)`` uint8 (area averaging), for tissue detection.
+    Reads come in row-major order, which lets a source decode a band of rows
+    once and serve every tile in it.
+    """
+
+    shape: tuple[int, int, int]
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray: ...
+
+    def thumbnail(self, width: int, height: int) -> np.ndarray: ...
+
+
+def read_padded(
+    image: np.ndarray, y: int, x: int, h: int, w: int, value: int = PAD_VALUE
+) -> np.ndarray:
+    """Window ``[y, y+h) x [x, x+w)`` of an array; a view when it lies inside, else padded."""
+    ih, iw = image.shape[:2]
+    if y >= 0 and x >= 0 and y + h <= ih and x + w <= iw:
+        return image[y : y + h, x : x + w]
+    out = np.full((h, w, *image.shape[2:]), value, dtype=image.dtype)
+    ya, xa = max(0, y), max(0, x)
+    yb, xb = min(ih, y + h), min(iw, x + w)
+    if yb > ya and xb > xa:
+        out[ya - y : yb - y, xa - x : xb - x] = image[ya:yb, xa:xb]
+    return out
+
+
+class ArraySource:
+    """A :class:`PixelSource` over an ``(H, W, 3)`` uint8 array already in memory.
+
+    Reads inside the image are views (no copy); the thumbnail is one
+    ``cv2.resize`` with area averaging, exactly what region mode did before
+    pixel sources existed, so results on arrays are unchanged.
+    """
+
+    def __init__(self, image: np.ndarray) -> None:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
+        self.image = image
+        self.shape = (int(image.shape[0]), int(image.shape[1]), 3)
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return read_padded(self.image, y, x, h, w)
+
+    def thumbnail(self, width: int, height: int) -> np.ndarray:
+        if (height, width) == self.shape[:2]:
+            return self.image
+        return cv2.resize(self.image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+#: A resampled band holds about this many bytes of float32 source pixels at most
+#: (it grows past it only when one read needs more rows).
+BAND_BYTES = 48_000_000
+
+
+class ResampledSource:
+    """Another :class:`PixelSource` scaled by ``factor`` (> 1 enlarges), a band of rows at a time.
+
+    Resampling a whole slide region first would hold it twice; this decodes
+    only the source rows under the band being tiled. Horizontally each band is
+    resized at full width with OpenCV (area averaging when shrinking, bilinear
+    when enlarging, as ``cv2.resize`` of the whole image would), vertically by
+    an explicit weight matrix with the same sampling rule, in float32 with one
+    rounding at the end; so the result matches ``cv2.resize`` of the whole
+    image to within one grey level, whatever the band boundaries.
+    """
+
+    def __init__(self, base: PixelSource, factor: float, band_bytes: int | None = None) -> None:
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        self.base = base
+        self.factor = float(factor)
+        bh, bw = base.shape[:2]
+        self.shape = (max(1, round(bh * self.factor)), max(1, round(bw * self.factor)), 3)
+        # Source rows per output row, times a source row's float32 bytes.
+        per_row = max(1.0, 1.0 / self.factor) * bw * 3 * 4 + self.shape[1] * 3 * 5
+        budget = BAND_BYTES if band_bytes is None else band_bytes
+        self.band_rows = max(16, int(budget // per_row))
+        self._band: np.ndarray | None = None
+        self._top = 0
+
+    def thumbnail(self, width: int, height: int) -> np.ndarray:
+        # Same field of view: shrink the base directly (cheaper and sharper).
+        return self.base.thumbnail(width, height)
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        oh = self.shape[0]
+        ya, yb = max(0, y), min(oh, y + h)
+        if yb <= ya:
+            return np.full((h, w, 3), PAD_VALUE, np.uint8)
+        band = self._band
+        if band is None or ya < self._top or yb > self._top + band.shape[0]:
+            self._load(ya, max(yb - ya, self.band_rows))
+            band = self._band
+        assert band is not None
+        return read_padded(band, y - self._top, x, h, w)
+
+    def _load(self, top: int, rows: int) -> None:
+        """Resample output rows ``[top, top + rows)`` (full width) into the band."""
+        self._band = None  # free the old band before building the new one
+        oh, ow = self.shape[:2]
+        bh, bw = self.base.shape[:2]
+        rows = min(rows, oh - top)
+        weights, s0, s1 = _axis_weights(top, rows, bh, oh)
+        src = self.base.read(s0, 0, s1 - s0, bw).astype(np.float32)
+        interp = cv2.INTER_AREA if ow < bw else cv2.INTER_LINEAR
+        if ow != bw:
+            src = cv2.resize(src, (ow, s1 - s0), interpolation=interp)
+        out = weights @ src.reshape(s1 - s0, -1)
+        del src
+        np.clip(out, 0.0, 255.0, out=out)
+        out += 0.5
+        self._band = out.astype(np.uint8).reshape(rows, ow, 3)
+        self._top = top
+
+
+def _axis_weights(start: int, n: int, src_len: int, dst_len: int) -> tuple[np.ndarray, int, int]:
+    """Weights ``(n, s1 - s0)`` mapping source samples ``[s0, s1)`` to outputs ``[start, start+n)``.
+
+    Shrinking: area averaging (each output sample covers ``src/dst`` source
+    samples, partial ones weighted by their overlap), as OpenCV's INTER_AREA.
+    Enlarging or equal: bilinear with OpenCV's pixel-centre rule
+    ``s = (d + 0.5) * src/dst - 0.5``, clamped at the edges, as INTER_LINEAR.
+    """
+    scale = src_len / dst_len
+    d = np.arange(start, start + n, dtype=np.float64)
+    if dst_len < src_len:
+        lo, hi = d * scale, np.minimum((d + 1) * scale, src_len)
+        s0 = int(math.floor(lo[0]))
+        s1 = min(src_len, int(math.ceil(hi[-1])))
+        idx = np.arange(s0, s1, dtype=np.float64)
+        overlap = np.clip(
+            np.minimum(hi[:, None], idx[None, :] + 1) - np.maximum(lo[:, None], idx[None, :]),
+            0.0,
+            None,
+        )
+        w = overlap / overlap.sum(axis=1, keepdims=True)
+        return w.astype(np.float32), s0, s1
+    pos = (d + 0.5) * scale - 0.5
+    i0 = np.floor(pos)
+    frac = pos - i0
+    i0 = i0.astype(np.int64)
+    frac[i0 < 0] = 0.0
+    i0[i0 < 0] = 0
+    last = i0 >= src_len - 1
+    frac[last] = 0.0
+    i0[last] = src_len - 1
+    i1 = np.minimum(i0 + 1, src_len - 1)
+    s0, s1 = int(i0.min()), int(i1.max()) + 1
+    w = np.zeros((n, s1 - s0), np.float64)
+    r = np.arange(n)
+    np.add.at(w, (r, i0 - s0), 1.0 - frac)
+    np.add.at(w, (r, i1 - s0), frac)
+    return w.astype(np.float32), s0, s1

@@ -36,6 +36,19 @@ def _create_temp(target: Path, suffix: str = ".tmp") -> tuple[Path, int]:
     The kernel applies the umask at creation, so the bits are read back from
     the file rather than by toggling ``os.umask`` (process-wide, not thread-safe).
     """
+    fd, tmp = _open_temp(target, suffix)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    return tmp, mode
+
+
+def _open_temp(target: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new, empty file beside ``target``, open for writing: ``(descriptor, path)``.
+
+    Created with ``0o666`` so the kernel applies the umask as for ``open()``.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         # Hidden, and unique per writer: threads or DDP ranks writing the same
@@ -43,14 +56,9 @@ def _create_temp(target: Path, suffix: str = ".tmp") -> tuple[Path, int]:
         # (The name is shortened so a long target name stays within NAME_MAX.)
         tmp = target.with_name(f".{target.name[:120]}.{secrets.token_hex(4)}{suffix}")
         try:
-            fd = os.open(tmp, flags, 0o666)
+            return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
-        try:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
-        return tmp, mode
     raise FileExistsError(f"could not create a temporary file beside {target}")
 
 
@@ -140,10 +148,36 @@ def atomic_write(
 
 
 def atomic_write_bytes(path: PathLike, data: bytes, *, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically and return the path."""
-    with atomic_write(path, "wb", fsync=fsync) as fh:
-        fh.write(data)
-    return Path(path)
+    """Write ``data`` to ``path`` atomically and return the path.
+
+    The bytes go through the descriptor that created the temporary file (no
+    second open, no Python file object): about half the system calls of
+    :func:`atomic_write`, which counts when a run writes thousands of small
+    files (overlays, GeoJSON). The parent folder is created if needed.
+    """
+    target = Path(path)
+    try:
+        fd, tmp = _open_temp(target)
+    except FileNotFoundError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _open_temp(target)
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if fsync:
+        _fsync_dir(target.parent)
+    return target
 
 
 def atomic_write_text(
