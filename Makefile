@@ -30,18 +30,18 @@ lint: $(STAMP)
 # and on another lab's staining), then predict held-out patches and a large region.
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/calcinosis synth --out $(DEMO)/data --n-per-class-stain 150 --size 64 --mpp 1.0 \
+	$(BIN)/calcinosis synth --out $(DEMO)/data --n-per-class-stain 150 --size 64 --mpp 2.0 \
 		--seed 0 --sheet $(DEMO)/contact_sheet.png
 	$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(DEMO)/train \
 		data.manifest=$(DEMO)/data/manifest.csv
 	$(BIN)/calcinosis evaluate --checkpoint $(DEMO)/train/best.safetensors \
 		--data $(DEMO)/data/manifest.csv --split test --out $(DEMO)/report
-	$(BIN)/calcinosis synth --out $(DEMO)/shifted --n-per-class-stain 20 --size 64 --mpp 1.0 \
+	$(BIN)/calcinosis synth --out $(DEMO)/shifted --n-per-class-stain 20 --size 64 --mpp 2.0 \
 		--seed 1 --shift 1.0
 	$(BIN)/calcinosis evaluate --checkpoint $(DEMO)/train/best.safetensors \
 		--data $(DEMO)/shifted/manifest.csv --split all --out $(DEMO)/report_shifted \
 		--reference $(DEMO)/report/metrics.json
-	$(BIN)/calcinosis synth --region 2048x1536 --mpp 1.0 --seed 3 --out $(DEMO)/region/region.png
+	$(BIN)/calcinosis synth --region 2048x1536 --mpp 2.0 --seed 3 --out $(DEMO)/region/region.png
 	$(BIN)/calcinosis predict $(DEMO)/data/manifest.csv $(DEMO)/region/region.png --split test \
 		--checkpoint $(DEMO)/train/best.safetensors --out $(DEMO)/predictions --quiet || test $$? -eq 3
 	@echo

@@ -140,8 +140,12 @@ def test_urate_and_amyloid_are_negative_in_special_stains(
     label: str, stain: str, shift: float
 ) -> None:
     stats = _deposit_vs_tissue(label, stain, shift, _intensity)
-    # not darkened: as bright as the surrounding tissue, or brighter
-    assert np.all(stats[:, 0] > stats[:, 1] - 8), stats
+    # Not darkened: on average brighter than the surrounding tissue, and no patch
+    # anywhere near a positive deposit (those are > 40 grey levels darker). A
+    # glassy amyloid globule may be a shade greyer than very pale papillary dermis.
+    diff = stats[:, 0] - stats[:, 1]
+    assert diff.mean() > 0, stats
+    assert np.all(diff > -20), stats
     if stain == "alizarin_red":
         red = _deposit_vs_tissue(label, stain, shift, _redness)
         assert np.all(red[:, 0] < red[:, 1] + 0.1), red

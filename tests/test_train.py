@@ -142,6 +142,14 @@ def test_resume_with_nothing_to_resume(tmp_path: Path, train_manifest: Path) -> 
 # --------------------------------------------------------------------------- exact resume
 
 
+@pytest.fixture(scope="module")
+def straight(train_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-epoch run, the reference for the resumed ones."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    T.train(make_cfg(train_manifest, out, "train.epochs=2"))
+    return out
+
+
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, phase: str, n: int) -> None:
     """Send ourselves SIGINT (a real Ctrl-C) in the n-th loss computation of a phase."""
     original = T.MultiTaskLoss.forward
@@ -166,14 +174,12 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(
     phase: str,
     n: int,
     saved_at: tuple[int, int, int],
+    straight: Path,
     tmp_path: Path,
     train_manifest: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 2 epochs of 2 steps; the run stops at a step boundary and saves exactly there.
-    straight = tmp_path / "straight"
-    T.train(make_cfg(train_manifest, straight, "train.epochs=2"))
-
     resumed = tmp_path / "resumed"
     cfg = make_cfg(train_manifest, resumed, "train.epochs=2")
     with monkeypatch.context() as m:
@@ -188,6 +194,30 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(
     assert_same_weights(straight / "best.safetensors", resumed / "best.safetensors")
     assert metrics_rows(straight) == metrics_rows(resumed)
     assert read_checkpoint_metadata(resumed / "last.safetensors")["epoch"] == 2
+
+
+def test_weight_average_is_exported_and_resumes_exactly(
+    tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With train.ema_decay the checkpoints hold the averaged weights, not the
+    # last step's; Ctrl-C mid-epoch and --resume must give the same average.
+    straight = tmp_path / "straight"
+    T.train(make_cfg(train_manifest, straight, "train.epochs=2", "train.ema_decay=0.9"))
+    state = torch.load(straight / "state.pt", weights_only=True)
+    last = load_safetensors(straight / "last.safetensors")
+    assert all(torch.equal(last[k], v) for k, v in state["ema"].items() if k in last)
+    assert any(not torch.equal(last[k], v) for k, v in state["model"].items() if k in last)
+
+    resumed = tmp_path / "resumed"
+    cfg = make_cfg(train_manifest, resumed, "train.epochs=2", "train.ema_decay=0.9")
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "train", 3)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg)
+    T.train(cfg, resume=True)
+    assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
+    assert_same_weights(straight / "best.safetensors", resumed / "best.safetensors")
+    assert metrics_rows(straight) == metrics_rows(resumed)
 
 
 @pytest.mark.slow

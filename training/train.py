@@ -561,6 +561,7 @@ def train_one_epoch(
     dist_info: DistInfo,
     stop: GracefulStop,
     on_step: Callable[[], None] | None = None,
+    ema: Any | None = None,
 ) -> dict[str, float]:
     """Train until ``run.step_in_epoch == steps``; returns the epoch's mean losses and speed.
 
@@ -613,6 +614,8 @@ def train_one_epoch(
             )
         optimizer.step()
         scheduler.step()
+        if ema is not None:  # the step number sets the warm-up of the decay: exact on resume
+            ema.update(unwrap_model(model), step=run.global_step + 1)
         run.global_step += 1
         run.step_in_epoch += 1
 
@@ -842,15 +845,19 @@ def save_resume_point(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     run: RunState,
+    ema: Any | None = None,
 ) -> None:
     """Write last.safetensors, then state.pt (both atomic).
 
     state.pt carries its own copy of the weights: if the process dies between
     the two renames, state.pt still holds a weights/optimizer pair that
-    belongs together, and resume never mixes steps.
+    belongs together, and resume never mixes steps. With an EMA, the
+    checkpoint holds the averaged weights (what inference should use) and
+    state.pt both.
     """
     net = unwrap_model(model)
-    save_checkpoint(run_dir / LAST_CHECKPOINT, net, checkpoint_metadata(cfg, net, run))
+    export = ema.module if ema is not None else net
+    save_checkpoint(run_dir / LAST_CHECKPOINT, export, checkpoint_metadata(cfg, export, run))
     state = {
         "format_version": 1,
         "run": dataclasses.asdict(run),
@@ -860,6 +867,10 @@ def save_resume_point(
         "scaler": None,  # bf16 needs no loss scaling
         "rng": rng_state(),
     }
+    if ema is not None:
+        state["ema"] = {
+            k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()
+        }
     buf = io.BytesIO()
     torch.save(state, buf)
     _atomic_write_bytes(run_dir / STATE_FILE, buf.getvalue())
@@ -1063,10 +1074,24 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
         optimizer, warmup_cosine(total_steps, warmup_steps)
     )
 
+    ema = None
+    if cfg.train.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        # use_warmup: the decay grows with the step count (1 - (1 + step)^-2/3),
+        # capped at ema_decay, so early weights do not linger in a short run.
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
     run = RunState()
     run.reset_sums()
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ConfigError(
+                    f"{run_dir / STATE_FILE} has no weight average (EMA), but the config "
+                    "asks for train.ema_decay > 0; resume with the run's own config.yaml"
+                )
+            ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -1093,7 +1118,8 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
             f"{steps} steps/epoch of {cfg.train.batch_size} per process\n"
             f"model: {cfg.model.backbone} on {device} ({procs}), "
             f"precision {'bf16' if amp_dtype is not None else 'fp32'}"
-            f"{', channels_last' if cfg.train.channels_last else ''}",
+            f"{', channels_last' if cfg.train.channels_last else ''}"
+            f"{f', weight EMA {cfg.train.ema_decay:g}' if ema is not None else ''}",
             flush=True,
         )
         if state is not None:
@@ -1105,7 +1131,7 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
 
     def save_now() -> None:
         _save_resume_point_all_ranks(
-            run_dir, cfg, model, optimizer, scheduler, run, dist_info, device
+            run_dir, cfg, model, optimizer, scheduler, run, dist_info, device, ema
         )
 
     def mid_epoch_save() -> None:
@@ -1113,6 +1139,8 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
         if every and run.global_step % every == 0 and run.step_in_epoch < steps:
             save_now()
 
+    # what is validated and exported: the weight average when there is one
+    eval_net: nn.Module = ema.module if ema is not None else model
     writer = _tensorboard(run_dir) if main else None
     stop = GracefulStop()
     try:
@@ -1124,7 +1152,7 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
                     stats = train_one_epoch(
                         train_model, train_loader, optimizer, scheduler, criterion,
                         run=run, steps=steps, cfg=cfg, device=device, amp_dtype=amp_dtype,
-                        dist_info=dist_info, stop=stop, on_step=mid_epoch_save,
+                        dist_info=dist_info, stop=stop, on_step=mid_epoch_save, ema=ema,
                     )  # fmt: skip
                 except StopRequested:
                     save_now()
@@ -1134,7 +1162,7 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
                 val: dict[str, Any] = {}
                 if main and val_loader is not None:
                     val = evaluate(
-                        model,
+                        eval_net,
                         val_loader,
                         device=device,
                         amp_dtype=amp_dtype,
@@ -1162,9 +1190,9 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
                 run.reset_sums()
                 if main:
                     if improved:
-                        meta = checkpoint_metadata(cfg, model, run)
-                        save_checkpoint(run_dir / BEST_CHECKPOINT, model, meta)
-                    save_resume_point(run_dir, cfg, model, optimizer, scheduler, run)
+                        meta = checkpoint_metadata(cfg, eval_net, run)
+                        save_checkpoint(run_dir / BEST_CHECKPOINT, eval_net, meta)
+                    save_resume_point(run_dir, cfg, model, optimizer, scheduler, run, ema)
                     write_metrics_csv(run_dir / METRICS_FILE, run.history)
                     _print_epoch(row, cfg, improved)
                     if writer is not None:
@@ -1241,6 +1269,7 @@ def _save_resume_point_all_ranks(
     run: RunState,
     dist_info: DistInfo,
     device: torch.device,
+    ema: Any | None = None,
 ) -> None:
     """Mid-epoch resume point. Called on every rank: under DDP the partial loss
     sums are added up across ranks first; rank 0 writes."""
@@ -1251,7 +1280,7 @@ def _save_resume_point_all_ranks(
         dist.all_reduce(t)
         saved = dataclasses.replace(run, sums=dict(zip(keys, t.cpu().tolist(), strict=True)))
     if dist_info.is_main:
-        save_resume_point(run_dir, cfg, model, optimizer, scheduler, saved)
+        save_resume_point(run_dir, cfg, model, optimizer, scheduler, saved, ema)
 
 
 def _check_ranks_in_sync(run_dir: Path, model: nn.Module, dist_info: DistInfo) -> None:
