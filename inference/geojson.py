@@ -151,8 +151,15 @@ def _trace(
     Mask pixel coordinates ``(u, v)`` map to ``origin + scale * (u, v)``
     (default: the mask's own pixel coordinates).
     """
-    up = np.repeat(np.repeat(mask, _UP, axis=0), _UP, axis=1)
-    up = cv2.copyMakeBorder(up, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    # Enlarged copy with a 1-pixel empty border, filled by strided writes: no
+    # full-size temporaries (an 8192^2 region's mask is 256 MB enlarged).
+    h, w = mask.shape
+    up = np.zeros((h * _UP + 2, w * _UP + 2), np.uint8)
+    src = (mask != 0).view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).astype(np.uint8)
+    for dy in range(_UP):
+        for dx in range(_UP):
+            up[1 + dy : 1 + h * _UP : _UP, 1 + dx : 1 + w * _UP : _UP] = src
+    del src
     _well_compose(up)
     contours, hierarchy = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if not contours or hierarchy is None:
@@ -186,16 +193,31 @@ def _trace(
 
 
 def _well_compose(m: np.ndarray) -> None:
-    """Bridge every diagonal-only contact (2 x 2 checkerboard) in place."""
+    """Bridge every diagonal-only contact (2 x 2 checkerboard) in place.
+
+    ``m`` holds 0/1. Three scratch planes are reused across passes instead of
+    the dozen boolean temporaries of the plain expression (memory bound for a
+    large region's enlarged mask).
+    """
+    a, b = m[:-1, :-1], m[:-1, 1:]
+    c, d = m[1:, :-1], m[1:, 1:]
+    diag = np.empty(a.shape, np.uint8)
+    anti = np.empty(a.shape, np.uint8)
+    tmp = np.empty(a.shape, np.uint8)
     for _ in range(4):
-        a, b = m[:-1, :-1], m[:-1, 1:]
-        c, d = m[1:, :-1], m[1:, 1:]
-        diag = (a == 1) & (d == 1) & (b == 0) & (c == 0)
-        anti = (b == 1) & (c == 1) & (a == 0) & (d == 0)
+        # diag = a & d & !(b | c);  anti = b & c & !(a | d)
+        np.bitwise_and(a, d, out=diag)
+        np.bitwise_or(b, c, out=tmp)
+        np.bitwise_xor(tmp, 1, out=tmp)
+        np.bitwise_and(diag, tmp, out=diag)
+        np.bitwise_and(b, c, out=anti)
+        np.bitwise_or(a, d, out=tmp)
+        np.bitwise_xor(tmp, 1, out=tmp)
+        np.bitwise_and(anti, tmp, out=anti)
         if not diag.any() and not anti.any():
             return
-        b[diag] = 1
-        a[anti] = 1
+        np.bitwise_or(b, diag, out=b)
+        np.bitwise_or(a, anti, out=a)
 
 
 def _polygonal(geom: Any) -> Polygon | MultiPolygon | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from shapely.geometry import shape
+from shapely.geometry import MultiPolygon, Point, shape
 
 from calcinosis.inference.geojson import feature_collection, label_map_to_features, write_geojson
 from calcinosis.model.labels import AMYLOID, BONE, CALCIUM, DEPOSIT_COLORS, DEPOSIT_DISPLAY, URATE
@@ -94,3 +94,22 @@ def test_min_area_and_empty_map(tmp_path):
     assert label_map_to_features(lm, 0.5, min_area_px=2) == []
     p = write_geojson(tmp_path / "x.geojson", feature_collection([]))
     assert json.loads(p.read_text())["features"] == []
+
+
+def test_checkerboard_contacts_are_bridged_and_nothing_is_removed() -> None:
+    from calcinosis.inference.geojson import _trace, _well_compose  # internals under test
+
+    rng = np.random.default_rng(3)
+    for density in (0.3, 0.5, 0.7):
+        m = (rng.random((60, 70)) < density).astype(np.uint8)
+        fixed = m.copy()
+        _well_compose(fixed)
+        assert np.all(fixed >= m)  # only bridges are added
+        a, b, c, d = fixed[:-1, :-1], fixed[:-1, 1:], fixed[1:, :-1], fixed[1:, 1:]
+        assert not np.any((a & d & (1 - b) & (1 - c)) | (b & c & (1 - a) & (1 - d)))
+        # the outlines cover the labelled pixels and leave the others out, probed
+        # at each pixel centre (bridged pixels may fall either way)
+        union = MultiPolygon(_trace(m, 0.0)).buffer(0)
+        for y, x in np.ndindex(*m.shape):
+            inside = union.contains(Point(x + 0.5, y + 0.5))
+            assert inside == bool(m[y, x]) or (inside and fixed[y, x]), (y, x)
