@@ -176,6 +176,25 @@ def test_hed_jitter_zero_sigma_is_identity():
     assert np.array_equal(t(image=img)["image"], img)
 
 
+def test_stain_strength_scales_every_dye_together():
+    # sigma 0, strength only: each pixel's optical density is multiplied by one
+    # factor per image, so hue is kept and the patch gets darker or paler as a whole.
+    from calcinosis.training.transforms import rgb_to_od
+
+    img = _he_image(64)
+    t = HEDJitter(sigma=0.0, strength_sigma=0.4, p=1.0)
+    t.set_random_seed(1)
+    factors = []
+    for _ in range(6):
+        out = t(image=img)["image"]
+        od_in, od_out = rgb_to_od(img)[:, 24:], rgb_to_od(out)[:, 24:]
+        dense = od_in > 0.3
+        ratio = od_out[dense] / od_in[dense]
+        assert ratio.std() < 0.05 * ratio.mean()  # one factor for R, G, B and all pixels
+        factors.append(float(np.median(ratio)))
+    assert max(factors) / min(factors) > 1.3, factors  # and it does vary
+
+
 # --------------------------------------------------------------------------- Macenko
 
 

@@ -93,6 +93,9 @@ class AugmentConfig:
     jpeg_prob: float = 0.3
     # Std of the per-stain HED jitter (stain concentration); 0 turns it off.
     hed_sigma: float = 0.05
+    # Std of the log of one factor scaling all dyes together (section thickness,
+    # staining time: a lab whose slides are uniformly darker or paler); 0 = off.
+    stain_strength: float = 0.0
     # Brightness/contrast jitter amplitude (illumination, white balance).
     brightness_contrast: float = 0.1
     # Hue/saturation jitter amplitude in degrees / percent.
@@ -106,6 +109,7 @@ class AugmentConfig:
         for key in ("blur_prob", "jpeg_prob"):
             _require(0 <= getattr(self, key) <= 1, f"augment.{key}", "must be in [0, 1]")
         _require(self.hed_sigma >= 0, "augment.hed_sigma", "must be >= 0")
+        _require(self.stain_strength >= 0, "augment.stain_strength", "must be >= 0")
         _require(self.brightness_contrast >= 0, "augment.brightness_contrast", "must be >= 0")
         _require(self.hue_shift >= 0, "augment.hue_shift", "must be >= 0")
 

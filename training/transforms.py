@@ -79,15 +79,28 @@ class HEDJitter(ImageOnlyTransform):
     jitter, so this project keeps its own three-channel version.
     """
 
-    def __init__(self, sigma: float = 0.05, background_od: float = 0.15, p: float = 1.0) -> None:
+    def __init__(
+        self,
+        sigma: float = 0.05,
+        background_od: float = 0.15,
+        strength_sigma: float = 0.0,
+        p: float = 1.0,
+    ) -> None:
         super().__init__(p=p)
         self.sigma = float(sigma)
         self.background_od = float(background_od)
+        self.strength_sigma = float(strength_sigma)
 
     def get_params(self) -> dict[str, Any]:
         rng = self.random_generator
+        alpha = rng.normal(1.0, self.sigma, size=3)
+        if self.strength_sigma > 0:
+            # One factor for all stains: section thickness and staining time
+            # scale every dye's optical density together (log-normal, so a
+            # 0.64x and a 1.57x lab are equally likely at sigma 0.45).
+            alpha = alpha * np.exp(rng.normal(0.0, self.strength_sigma))
         return {
-            "alpha": rng.normal(1.0, self.sigma, size=3).astype(np.float32),
+            "alpha": alpha.astype(np.float32),
             "beta": rng.normal(0.0, self.sigma, size=3).astype(np.float32),
         }
 
@@ -98,7 +111,7 @@ class HEDJitter(ImageOnlyTransform):
         beta: np.ndarray | None = None,
         **_: Any,
     ) -> np.ndarray:
-        if alpha is None or beta is None or self.sigma == 0:
+        if alpha is None or beta is None or (self.sigma == 0 and self.strength_sigma == 0):
             return img
         od = rgb_to_od(img)
         # conc' = conc * alpha + w * beta with conc = od @ HED_FROM_RGB; back to OD
@@ -113,7 +126,7 @@ class HEDJitter(ImageOnlyTransform):
         return od_to_rgb(out)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("sigma", "background_od")
+        return ("sigma", "background_od", "strength_sigma")
 
 
 # --------------------------------------------------------------------------- Macenko
@@ -368,8 +381,8 @@ def build_train_transform(
     ops += _size_ops(image_size, train=True)
     if aug.flips:
         ops.append(A.D4(p=1.0))  # all 8 flips / quarter turns, identity included
-    if aug.hed_sigma > 0:
-        ops.append(HEDJitter(sigma=aug.hed_sigma, p=1.0))
+    if aug.hed_sigma > 0 or aug.stain_strength > 0:
+        ops.append(HEDJitter(sigma=aug.hed_sigma, strength_sigma=aug.stain_strength, p=1.0))
     if aug.brightness_contrast > 0:
         bc = aug.brightness_contrast
         ops.append(A.RandomBrightnessContrast(brightness_limit=bc, contrast_limit=bc, p=0.5))
