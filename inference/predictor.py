@@ -39,7 +39,7 @@ from calcinosis.model.labels import (
 )
 
 from .tiling import ArraySource, PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
-from .tissue import focus_measure, tissue_mask
+from .tissue import focus_measure, outside_section, tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -656,6 +656,10 @@ class Predictor:
                 flush()
         flush()
         label_map = stitcher.finish()
+        # No deposit lies on the bare glass around the section: the network's
+        # calls there (pale, structureless, like unstained amyloid) are cleared.
+        # Pale deposits inside the section are enclosed by tissue and kept.
+        _clear_where(label_map, outside_section(tmask))
         if prep.factor != 1.0:
             label_map = cv2.resize(
                 label_map, (res.width, res.height), interpolation=cv2.INTER_NEAREST
@@ -898,6 +902,20 @@ def _cpu_has_fast_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # noqa: BLE001 - an old or unusual build: assume not
         return False
+
+
+def _clear_where(label_map: np.ndarray, coarse: np.ndarray, band_rows: int = 1024) -> None:
+    """Set ``label_map`` to 0 where the coarse boolean mask (nearest-neighbour
+    scaled to its size) is True; row band by band, no full-size temporary."""
+    if not coarse.any():
+        return
+    h, w = label_map.shape
+    th, tw = coarse.shape
+    cols = np.minimum(np.arange(w) * tw // w, tw - 1)
+    for y0 in range(0, h, band_rows):
+        y1 = min(h, y0 + band_rows)
+        rows = np.minimum(np.arange(y0, y1) * th // h, th - 1)
+        label_map[y0:y1][coarse[rows[:, None], cols[None, :]]] = 0
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:

@@ -101,6 +101,15 @@ def tissue_mask(rgb: np.ndarray, *, morphology: bool = True) -> np.ndarray:
     return mask.astype(bool)
 
 
+def outside_section(mask: np.ndarray) -> np.ndarray:
+    """Background of a tissue mask that is connected to the image border.
+
+    That is the glass around a section. Background enclosed by tissue (fat-cell
+    interiors, pale unstained urate or amyloid inside the section) is not.
+    """
+    return _border_connected(~np.asarray(mask, dtype=bool))
+
+
 def tissue_fraction(rgb: np.ndarray) -> float:
     """Share of pixels that are tissue, in [0, 1]."""
     m = tissue_mask(rgb)

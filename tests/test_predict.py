@@ -13,7 +13,7 @@ import pytest
 from calcinosis.inference.cli import main as cli_main
 from calcinosis.inference.predict import collect_inputs, csv_columns, safe_stem, unique_names
 from calcinosis.inference.predictor import PatchResult, Predictor
-from calcinosis.model.labels import CLASS_NAMES, INDETERMINATE
+from calcinosis.model.labels import AMYLOID, CLASS_NAMES, INDETERMINATE
 
 SIZE = 64
 
@@ -358,3 +358,29 @@ def test_bench_smoke(predict_checkpoint, tmp_path, capsys):
         r = data["backends"][b]
         assert r["throughput"] > 0 and r["agree_class"] == 1.0
         assert r["peak_rss_mb"] is None or r["peak_rss_mb"] > 10
+
+
+def test_region_deposits_are_cleared_on_the_glass_around_the_section(predict_checkpoint):
+    # A network that calls every pixel amyloid: on the glass around the section
+    # the call is cleared, inside the section it stays, and so does a pale
+    # enclosed area (where unstained urate or amyloid would be).
+    p = Predictor.from_checkpoint(predict_checkpoint)
+    real = p.engine
+
+    def amyloid_everywhere(nhwc):
+        cls_l, stain_l, dep_l = real(nhwc)
+        dep_l = np.zeros_like(dep_l)
+        dep_l[:, AMYLOID] = 10.0
+        return cls_l, stain_l, dep_l
+
+    p.engine = amyloid_everywhere
+    img = np.full((400, 400, 3), 246, np.uint8)  # glass
+    img[100:300, 100:300] = tissue(200, 200)  # the section
+    img[180:220, 180:220] = 240  # a pale area enclosed by tissue
+    res = p.predict(img)
+    assert res.mode == "region"
+    lm = res.label_map
+    assert (lm[:60] == 0).all() and (lm[:, :60] == 0).all() and (lm[340:] == 0).all()
+    assert (lm[120:280, 120:280] == AMYLOID).mean() > 0.95
+    assert (lm[185:215, 185:215] == AMYLOID).all()
+    assert res.deposit_area_px["amyloid"] == int((lm == AMYLOID).sum())
