@@ -397,12 +397,8 @@ class Predictor:
             except (CalcinosisError, OSError, ValueError) as exc:
                 results[i] = PatchResult(path=name, status="error", reason=_reason(exc))
                 continue
-            if prep.result is not None:  # decided without the network (no tissue)
-                results[i] = prep.result
-            elif prep.region:
-                results[i] = self._predict_region(prep)
-            else:
-                pending.append((i, prep))
+            # a region is predicted (and its pixels released) before the next image is read
+            self._route(i, prep, results, pending)
         self._run_patches(pending, results)
         return [r for r in results if r is not None]
 
@@ -423,14 +419,24 @@ class Predictor:
         results: list[PatchResult | None] = [None] * len(preps)
         pending: list[tuple[int, _Prepared]] = []
         for i, prep in enumerate(preps):
-            if prep.result is not None:
-                results[i] = prep.result
-            elif prep.region:
-                results[i] = self._predict_region(prep)
-            else:
-                pending.append((i, prep))
+            self._route(i, prep, results, pending)
         self._run_patches(pending, results)
         return [r for r in results if r is not None]
+
+    def _route(
+        self,
+        i: int,
+        prep: _Prepared,
+        results: list[PatchResult | None],
+        pending: list[tuple[int, _Prepared]],
+    ) -> None:
+        """Finish a prepared image now, or queue it for a network batch."""
+        if prep.result is not None:  # decided without the network (no tissue)
+            results[i] = prep.result
+        elif prep.region:
+            results[i] = self._predict_region(prep)
+        else:
+            pending.append((i, prep))
 
     def _run_patches(
         self, pending: list[tuple[int, _Prepared]], results: list[PatchResult | None]

@@ -171,18 +171,16 @@ def open_slide(path: str | os.PathLike[str]) -> Slide:
     what to do: a missing file, a format no installed reader handles (with the
     ``pip install`` line), or a damaged file.
     """
+    from calcinosis.training.imageio import check_file
+
     p = Path(path)
     suffix = p.suffix.lower()
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise _fail(p, "file not found (check the path and its folder)") from None
-    except OSError as exc:
-        raise _fail(p, f"cannot access the file ({exc.strerror or exc})") from None
-    if p.is_dir():
-        raise _fail(p, "this is a folder; give the slide file itself (e.g. slide.svs)")
-    if st.st_size == 0:
-        raise _fail(p, "the file is empty (0 bytes); copy or export it again")
+    check_file(
+        p,
+        _fail,
+        folder="this is a folder; give the slide file itself (e.g. slide.svs)",
+        empty="the file is empty (0 bytes); copy or export it again",
+    )
     tiffslide = _import_tiffslide() if suffix in TIFFSLIDE_EXTENSIONS else None
     openslide = _import_openslide()
     errors: list[str] = []

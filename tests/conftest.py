@@ -10,10 +10,9 @@ import pytest
 ROBUST_SIZE = 64
 
 
-@pytest.fixture(scope="session")
-def robust_checkpoint(tmp_path_factory) -> Path:
-    """A random-weight resnet10t CalcinosisNet at 64 px that calls every confident-enough
-    patch (indeterminate threshold 0), so statuses only reflect the input, not the weights."""
+def save_tiny_checkpoint(path: Path, input_size: int, temperature: float) -> Path:
+    """A random-weight (seed 0) resnet10t CalcinosisNet at 0.5 um/px that calls every
+    patch (indeterminate threshold 0): statuses reflect the input, not the weights."""
     import torch
 
     from calcinosis.model import ModelConfig, create_model, save_checkpoint
@@ -21,14 +20,26 @@ def robust_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = create_model(ModelConfig(backbone="resnet10t", decoder_channels=16))
     meta = {
-        "input_size": ROBUST_SIZE,
+        "input_size": input_size,
         "mpp": 0.5,
-        "temperature": 1.0,
+        "temperature": temperature,
         "indeterminate_threshold": 0.0,
         "min_tissue_fraction": 0.1,
     }
-    path = tmp_path_factory.mktemp("robust_ckpt") / "tiny.safetensors"
     return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory():
+    """``save_tiny_checkpoint`` for test modules that need their own variant."""
+    return save_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def robust_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint at 64 px, temperature 1."""
+    path = tmp_path_factory.mktemp("robust_ckpt") / "tiny.safetensors"
+    return save_tiny_checkpoint(path, ROBUST_SIZE, 1.0)
 
 
 @pytest.fixture(scope="session")

@@ -19,22 +19,10 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def predict_checkpoint(tmp_path_factory) -> Path:
-    """A resnet10t CalcinosisNet with random weights, 64 px input, temperature 1.5."""
-    import torch
-
-    from calcinosis.model import ModelConfig, create_model, save_checkpoint
-
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(backbone="resnet10t", decoder_channels=16))
-    meta = {
-        "input_size": SIZE,
-        "mpp": 0.5,
-        "temperature": 1.5,
-        "indeterminate_threshold": 0.0,
-        "min_tissue_fraction": 0.1,
-    }
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model, meta)
+def predict_checkpoint(tmp_path_factory, tiny_checkpoint_factory) -> Path:
+    """The tiny random-weight checkpoint at 64 px, with temperature 1.5."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return tiny_checkpoint_factory(path, SIZE, 1.5)
 
 
 @pytest.fixture(scope="module")

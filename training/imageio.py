@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -93,18 +94,30 @@ def _fail(path: Path, reason: str) -> ImageReadError:
     return ImageReadError(f"cannot read image '{path}': {reason}")
 
 
-def _check_file(path: Path) -> None:
-    """Cheap checks that give clearer messages than a decoder would."""
+def check_file(
+    path: Path,
+    fail: Callable[[Path, str], Exception] | None = None,
+    *,
+    folder: str = "this is a folder, not an image file",
+    empty: str = "the file is empty (0 bytes); re-export or remove it",
+) -> None:
+    """Cheap checks that give clearer messages than a decoder would.
+
+    ``fail(path, reason)`` builds the error (default: "cannot read image");
+    ``folder`` and ``empty`` are the reasons for those two cases, so a slide
+    reader can word them for slides.
+    """
+    fail = fail or _fail
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise _fail(path, "file not found (check the path and its folder)") from None
+        raise fail(path, "file not found (check the path and its folder)") from None
     except OSError as exc:
-        raise _fail(path, f"cannot access the file ({exc.strerror or exc})") from None
+        raise fail(path, f"cannot access the file ({exc.strerror or exc})") from None
     if path.is_dir():
-        raise _fail(path, "this is a folder, not an image file")
+        raise fail(path, folder)
     if st.st_size == 0:
-        raise _fail(path, "the file is empty (0 bytes); re-export or remove it")
+        raise fail(path, empty)
 
 
 def _limit_error(path: Path, w: int, h: int, max_pixels: int) -> ImageReadError:
@@ -166,7 +179,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(width, height)`` from the header only, so callers can decide to tile first."""
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     try:
         with _open(path, 0) as im:
             return im.size
@@ -306,7 +319,7 @@ def read_rgb(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.
     """
     path = Path(path)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
-    _check_file(path)
+    check_file(path)
     try:
         im = _open(path, limit)
     except ImageReadError:
@@ -349,7 +362,7 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int | None = None) -> np
     """
     path = Path(path)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
-    _check_file(path)
+    check_file(path)
     try:
         with _open(path, limit) as im:
             im.load()
