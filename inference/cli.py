@@ -24,6 +24,17 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def _add_tta_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tta",
+        choices=("none", "d4"),
+        default=None,
+        help="test-time augmentation: d4 averages over the 8 rotations/reflections of each "
+        "patch (8x the compute); default: the checkpoint's inference.tta, the mode its "
+        "temperature was fitted in",
+    )
+
+
 def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
@@ -119,6 +130,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=64, help="patches per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    _add_tta_argument(p)
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -202,6 +214,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=int, default=32, help="patches per forward pass (default 32)"
     )
+    _add_tta_argument(p)
     p.add_argument(
         "--tile-overlap",
         type=int,

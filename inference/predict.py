@@ -357,6 +357,7 @@ def run_predict(args: argparse.Namespace) -> int:
         batch_size=getattr(args, "batch_size", 32) or 32,
         tile_overlap=getattr(args, "tile_overlap", None),
         focus_threshold=_focus_arg(getattr(args, "focus_threshold", None)),
+        tta=getattr(args, "tta", None),
     )
     t_ready = time.perf_counter()
     cpu_ready = _cpu_seconds()

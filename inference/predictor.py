@@ -37,6 +37,7 @@ from calcinosis.model.labels import (
     INDETERMINATE,
     STAIN_NAMES,
 )
+from calcinosis.model.tta import numpy_d4, resolve_tta
 
 from .tiling import ArraySource, PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
 from .tissue import focus_measure, outside_section, tissue_mask
@@ -218,9 +219,13 @@ class Predictor:
         focus_threshold: float | None = FOCUS_MIN,
         batch_size: int = 32,
         tile_overlap: int | None = None,
+        tta: str | None = None,
     ) -> None:
         self.engine = engine
         self.metadata = metadata
+        self.tta, tta_warning = resolve_tta(metadata, tta)
+        if tta_warning:
+            log.warning(tta_warning)
         self.backend = backend
         self.class_names = list(metadata.get("class_names") or CLASS_NAMES)
         self.stain_names = list(metadata.get("stain_names") or STAIN_NAMES)
@@ -268,6 +273,7 @@ class Predictor:
         focus_threshold: float | None = FOCUS_MIN,
         min_tissue_fraction: float | None = None,
         threads: int | None = None,
+        tta: str | None = None,
     ) -> Predictor:
         """Load a ``.safetensors`` checkpoint (or a self-describing ``.onnx`` file).
 
@@ -287,6 +293,7 @@ class Predictor:
             tile_overlap=tile_overlap,
             focus_threshold=focus_threshold,
             min_tissue_fraction=min_tissue_fraction,
+            tta=tta,
         )
         if path.suffix.lower() == ".onnx":
             if not backend.startswith("onnx"):
@@ -444,11 +451,18 @@ class Predictor:
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
             batch = np.stack([p.model_input for _, p in chunk])
-            cls_l, stain_l, dep_l = self.engine(self._normalise(batch))
+            cls_l, stain_l, dep_l = self._infer(self._normalise(batch))
             for j, (i, prep) in enumerate(chunk):
                 results[i] = self._finish_patch(prep, cls_l[j], stain_l[j], dep_l[j])
 
     # ------------------------------------------------------------------ internals
+
+    def _infer(self, nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The engine's (class, stain, deposit) logits, averaged over D4 views with tta='d4'."""
+        if self.tta == "d4":
+            cls_l, stain_l, dep_l = numpy_d4(self.engine, nhwc)
+            return cls_l, stain_l, dep_l
+        return self.engine(nhwc)
 
     def _normalise(self, batch_u8: np.ndarray) -> np.ndarray:
         """uint8 NHWC -> float32 NHWC normalised with the model's mean and std."""
@@ -608,7 +622,7 @@ class Predictor:
             if not todo:
                 return
             batch = np.stack([t[3] for t in todo])
-            cls_l, stain_l, dep_l = self.engine(self._normalise(batch))
+            cls_l, stain_l, dep_l = self._infer(self._normalise(batch))
             probs = self.calibrated(cls_l)
             stain_p = _softmax(np.asarray(stain_l, np.float32), axis=-1)
             dep = _softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)

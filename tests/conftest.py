@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 #: Input side of the tiny checkpoint below: small enough to keep tests fast.
 ROBUST_SIZE = 64
 
@@ -47,3 +49,14 @@ def robust_predictor(robust_checkpoint):
     from calcinosis.inference.predictor import Predictor
 
     return Predictor.from_checkpoint(robust_checkpoint, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def train_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed fixture manifest; generated the same way if it is not there yet."""
+    committed = sorted((REPO / "tests" / "fixtures").rglob("manifest.csv"))
+    if committed:
+        return committed[0]
+    from calcinosis.training.synthetic import make_fixtures
+
+    return Path(make_fixtures(tmp_path_factory.mktemp("fixtures")))

@@ -40,17 +40,6 @@ METADATA_KEYS = {
 TIMING_COLUMNS = {"images_per_s", "seconds"}
 
 
-@pytest.fixture(scope="session")
-def train_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The committed fixture manifest; generated the same way if it is not there yet."""
-    committed = sorted((REPO / "tests" / "fixtures").rglob("manifest.csv"))
-    if committed:
-        return committed[0]
-    from calcinosis.training.synthetic import make_fixtures
-
-    return Path(make_fixtures(tmp_path_factory.mktemp("fixtures")))
-
-
 def make_cfg(manifest: Path, out: Path, *overrides: str):
     base = [
         "data.source=manifest",

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from calcinosis.model import DataError, ImageReadError, load_checkpoint
+from calcinosis.model.tta import resolve_tta
 
 from . import metrics
 from .train import collect_outputs
@@ -59,10 +60,13 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "auto",
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the ``split`` rows of ``manifest`` ('all' = every row).
 
-    Returns the metrics dict written to ``<out_dir>/metrics.json``.
+    ``tta`` ("none" / "d4") defaults to the checkpoint's ``inference.tta``, so
+    the report measures what ``calcinosis predict`` returns. Returns the
+    metrics dict written to ``<out_dir>/metrics.json``.
     """
     from .data import PatchDataset, read_manifest
     from .transforms import build_eval_transform, make_fork_safe
@@ -76,6 +80,9 @@ def evaluate_checkpoint(
     class_names = list(meta["class_names"])
     stain_names = list(meta["stain_names"])
     deposit_labels = list(meta["deposit_labels"])
+    tta, tta_warning = resolve_tta(meta, tta)
+    if tta_warning:
+        log.warning(tta_warning)
 
     rows = read_manifest(manifest, class_names, stain_names)
     samples = rows if split == "all" else [s for s in rows if s.split == split]
@@ -94,7 +101,7 @@ def evaluate_checkpoint(
     if num_workers > 0:
         make_fork_safe()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    outputs = collect_outputs(model, loader, dev, "fp32")
+    outputs = collect_outputs(model, loader, dev, "fp32", tta=tta)
     temperature = float(meta.get("temperature", 1.0))
 
     baseline_probs = None
@@ -110,7 +117,7 @@ def evaluate_checkpoint(
 
     title = f"{checkpoint.name} on {Path(manifest).name} ({split}, {len(samples)} patches)"
     extra: dict[str, Any] = {
-        "Checkpoint and data": _provenance(checkpoint, meta, manifest, split, baseline_note)
+        "Checkpoint and data": _provenance(checkpoint, meta, manifest, split, baseline_note, tta)
     }
     if dataset.bad_files:
         extra["Unreadable files (skipped)"] = dict(dataset.bad_files)
@@ -148,7 +155,7 @@ def evaluate_checkpoint(
 
 
 def _provenance(
-    checkpoint: Path, meta: dict[str, Any], manifest: Any, split: str, baseline: str
+    checkpoint: Path, meta: dict[str, Any], manifest: Any, split: str, baseline: str, tta: str
 ) -> str:
     cal = meta.get("calibration") or {}
     lines = [
@@ -158,6 +165,8 @@ def _provenance(
         f"mean {meta.get('mean')}, std {meta.get('std')}",
         f"- temperature: {float(meta.get('temperature', 1.0)):.3f}"
         + (f" (fitted on {cal['samples']} validation patches)" if "samples" in cal else ""),
+        "- test-time augmentation: "
+        + ("d4 (outputs averaged over the 8 rotations/reflections)" if tta == "d4" else "none"),
         f"- data: `{manifest}`, split `{split}`",
         f"- colour baseline: {baseline}",
     ]
@@ -234,5 +243,6 @@ def run_evaluate(args: Any) -> int:
         batch_size=getattr(args, "batch_size", 64),
         num_workers=getattr(args, "workers", 0),
         device=getattr(args, "device", "auto"),
+        tta=getattr(args, "tta", None),
     )
     return 0

@@ -64,6 +64,7 @@ from calcinosis.model import (
 )
 from calcinosis.model.checkpoint import unwrap_model
 from calcinosis.model.fileio import atomic_write_bytes
+from calcinosis.model.tta import torch_d4
 
 from . import __version__, metrics
 from .config import Config, LossWeights, config_to_dict, load_config, save_config
@@ -672,6 +673,7 @@ def collect_outputs(
     precision: str | torch.dtype | None = "fp32",
     criterion: nn.Module | None = None,
     channels_last: bool = False,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Run ``model`` over ``loader``; return the outputs as numpy arrays.
 
@@ -679,6 +681,7 @@ def collect_outputs(
     stains (N,) (-100 = unknown), pixel_conf (D, D) accumulated deposit pixel
     confusion (rows = target), indices (N,) dataset indices; with a
     ``criterion`` also ``loss`` and ``loss_<part>`` (means over samples).
+    ``tta="d4"`` averages every output over the eight rotations/reflections.
     """
     net = unwrap_model(model)
     net.eval()
@@ -693,7 +696,7 @@ def collect_outputs(
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            out = net(batch["image"])
+            out = torch_d4(net, batch["image"]) if tta == "d4" else net(batch["image"])
         if criterion is not None:
             loss, parts = criterion(out, batch)
             n = batch["image"].shape[0]
@@ -971,22 +974,29 @@ def calibrate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Fit a softmax temperature on the validation logits of the best weights.
 
     The temperature goes into the metadata of best and last checkpoints
     (rewritten atomically) and into calibration.json with the ECE before and
-    after, so inference reports calibrated probabilities.
+    after, so inference reports calibrated probabilities. It is fitted on the
+    outputs of test-time augmentation mode ``tta`` (inference.tta), the mode
+    inference then uses by default: averaged logits are less extreme than
+    single-pass ones, so each mode needs its own temperature.
     """
     model, _ = load_checkpoint(run_dir / BEST_CHECKPOINT, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    out = collect_outputs(model, val_loader, device, amp_dtype, channels_last=channels_last)
+    out = collect_outputs(
+        model, val_loader, device, amp_dtype, channels_last=channels_last, tta=tta
+    )
     logits, labels = out["class_logits"], out["labels"]
     temperature = float(metrics.fit_temperature(logits, labels))
     result = {
         "temperature": temperature,
         "fitted_on": "val",
+        "tta": tta,
         "samples": int(len(labels)),
         "ece_before": float(metrics.expected_calibration_error(metrics.softmax(logits), labels)),
         "ece_after": float(
@@ -997,7 +1007,7 @@ def calibrate(
     for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
         net, meta = load_checkpoint(run_dir / name)
         meta["temperature"] = temperature
-        meta["calibration"] = {k: result[k] for k in ("samples", "ece_before", "ece_after")}
+        meta["calibration"] = {k: result[k] for k in ("tta", "samples", "ece_before", "ece_after")}
         save_checkpoint(run_dir / name, net, meta)
     _atomic_write_bytes(
         run_dir / CALIBRATION_FILE, (json.dumps(result, indent=2) + "\n").encode("utf-8")
@@ -1235,10 +1245,22 @@ def _train(cfg: Config, resume: bool, dist_info: DistInfo, device: torch.device)
         elif already_done and (run_dir / CALIBRATION_FILE).exists():
             print(f"{run_dir} is complete and calibrated; nothing to do", flush=True)
         else:
-            cal = calibrate(run_dir, val_loader, device, amp_dtype, cfg.train.channels_last)
+            cal = calibrate(
+                run_dir,
+                val_loader,
+                device,
+                amp_dtype,
+                cfg.train.channels_last,
+                tta=cfg.inference.tta,
+            )
             print(
                 f"calibration: temperature {cal['temperature']:.3f}, val ECE "
-                f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}",
+                f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}"
+                + (
+                    f" (test-time augmentation {cfg.inference.tta})"
+                    if cfg.inference.tta != "none"
+                    else ""
+                ),
                 flush=True,
             )
     if main:
