@@ -30,7 +30,7 @@ lint: $(STAMP)
 # and on another lab's staining), then predict held-out patches and a large region.
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/calcinosis synth --out $(DEMO)/data --n-per-class-stain 150 --size 64 --mpp 2.0 \
+	$(BIN)/calcinosis synth --out $(DEMO)/data --n-per-class-stain 300 --size 64 --mpp 2.0 \
 		--seed 0 --sheet $(DEMO)/contact_sheet.png
 	$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(DEMO)/train \
 		data.manifest=$(DEMO)/data/manifest.csv
