@@ -446,6 +446,7 @@ def run_predict(args: argparse.Namespace) -> int:
         "model_mpp": predictor.model_mpp,
         "input_size": predictor.input_size,
         "temperature": predictor.temperature,
+        "tta": predictor.tta,
         "indeterminate_threshold": predictor.indeterminate_threshold,
         "min_tissue_fraction": predictor.min_tissue_fraction,
         "focus_threshold": predictor.focus_threshold,

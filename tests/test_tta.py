@@ -117,3 +117,16 @@ def test_calibration_is_fitted_in_the_configured_mode(
                              baseline=False, tta="none")  # fmt: skip
     assert "fitted with 'd4'" in caplog.text
     assert m["n_samples"] == m1["n_samples"]
+
+
+def test_predict_records_the_mode_it_ran(tta_checkpoint: Path, tmp_path: Path) -> None:
+    from calcinosis.inference.cli import main
+    from calcinosis.training.imageio import write_png
+
+    write_png(tmp_path / "a.png", tissue(SIZE, SIZE, seed=5))
+    for mode in ("d4", "none"):
+        out = tmp_path / mode
+        rc = main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(tta_checkpoint),
+                   "--out", str(out), "--tta", mode, "--quiet", "--no-overlays"])  # fmt: skip
+        assert rc == 0
+        assert json.loads((out / "predictions.json").read_text())["tta"] == mode
