@@ -460,8 +460,7 @@ class Predictor:
     def _infer(self, nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The engine's (class, stain, deposit) logits, averaged over D4 views with tta='d4'."""
         if self.tta == "d4":
-            cls_l, stain_l, dep_l = numpy_d4(self.engine, nhwc)
-            return cls_l, stain_l, dep_l
+            return tuple(numpy_d4(self.engine, nhwc))
         return self.engine(nhwc)
 
     def _normalise(self, batch_u8: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ def test_unknown_key_names_it_and_suggests_the_spelling(tmp_path: Path) -> None:
         ({"train": {"channels_last": "yes"}}, r"train\.channels_last' must be true or false"),
         ({"train": {"lr": "fast"}}, r"train\.lr' must be a number"),
         ({"train": {"precision": "fp16"}}, r"train\.precision' must be one of auto, bf16, fp32"),
+        ({"inference": {"tta": "flips"}}, r"inference\.tta' must be one of none, d4; got 'flips'"),
         ({"augment": {"scale": [0.9]}}, r"augment\.scale' must be a list of 2 values"),
         ({"train": 3}, r"'train' must be a section"),
         ({"seed": None, "model": {"backbone": 18}}, r"model\.backbone' must be a string"),

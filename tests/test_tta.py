@@ -16,7 +16,7 @@ from calcinosis.inference.predictor import Predictor
 from calcinosis.model import load_checkpoint, read_checkpoint_metadata
 from calcinosis.model.tta import numpy_d4, resolve_tta, torch_d4
 
-SIZE = 64
+SIZE = 64  # the input side of conftest's robust_checkpoint
 
 
 def _echo(nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -35,13 +35,8 @@ def test_numpy_d4_turns_every_view_back() -> None:
     np.testing.assert_allclose(corner, corners, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tta_checkpoint(tmp_path_factory, tiny_checkpoint_factory) -> Path:
-    return tiny_checkpoint_factory(tmp_path_factory.mktemp("tta") / "tiny.safetensors", SIZE, 1.0)
-
-
-def test_torch_and_numpy_d4_agree(tta_checkpoint: Path) -> None:
-    model, _ = load_checkpoint(tta_checkpoint)
+def test_torch_and_numpy_d4_agree(robust_checkpoint: Path) -> None:
+    model, _ = load_checkpoint(robust_checkpoint)
     model.eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.inference_mode():
@@ -60,9 +55,9 @@ def _probs(result) -> np.ndarray:
     return np.array(list(result.probabilities.values()))
 
 
-def test_d4_answer_does_not_depend_on_orientation(tta_checkpoint: Path) -> None:
-    pred = Predictor.from_checkpoint(tta_checkpoint, tta="d4")
-    single = Predictor.from_checkpoint(tta_checkpoint, tta="none")
+def test_d4_answer_does_not_depend_on_orientation(robust_checkpoint: Path) -> None:
+    pred = Predictor.from_checkpoint(robust_checkpoint, tta="d4")
+    single = Predictor.from_checkpoint(robust_checkpoint, tta="none")
     img = tissue(SIZE, SIZE, seed=3)
     turned = np.ascontiguousarray(np.rot90(img, 1))
     a, b = pred.predict(img, mpp=0.5), pred.predict(turned, mpp=0.5)
@@ -74,8 +69,8 @@ def test_d4_answer_does_not_depend_on_orientation(tta_checkpoint: Path) -> None:
     assert np.abs(_probs(c) - _probs(d)).max() > 100 * max(tta_gap, 1e-7)
 
 
-def test_d4_region_mode(tta_checkpoint: Path) -> None:
-    pred = Predictor.from_checkpoint(tta_checkpoint, tta="d4", batch_size=4)
+def test_d4_region_mode(robust_checkpoint: Path) -> None:
+    pred = Predictor.from_checkpoint(robust_checkpoint, tta="d4", batch_size=4)
     res = pred.predict(tissue(3 * SIZE, 2 * SIZE, seed=4), mpp=0.5)
     assert res.mode == "region" and res.status == "ok"
     assert res.label_map.shape == (3 * SIZE, 2 * SIZE)
@@ -119,14 +114,14 @@ def test_calibration_is_fitted_in_the_configured_mode(
     assert m["n_samples"] == m1["n_samples"]
 
 
-def test_predict_records_the_mode_it_ran(tta_checkpoint: Path, tmp_path: Path) -> None:
+def test_predict_records_the_mode_it_ran(robust_checkpoint: Path, tmp_path: Path) -> None:
     from calcinosis.inference.cli import main
     from calcinosis.training.imageio import write_png
 
     write_png(tmp_path / "a.png", tissue(SIZE, SIZE, seed=5))
     for mode in ("d4", "none"):
         out = tmp_path / mode
-        rc = main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(tta_checkpoint),
+        rc = main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(robust_checkpoint),
                    "--out", str(out), "--tta", mode, "--quiet", "--no-overlays"])  # fmt: skip
         assert rc == 0
         assert json.loads((out / "predictions.json").read_text())["tta"] == mode
