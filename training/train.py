@@ -467,8 +467,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
 
     The fused implementation (one kernel over all parameters) where the
     parameters' device has it: on the CPU torch otherwise picks the
-    per-tensor loop, 40 ms a step for the demo's resnet18 against 7.5 ms fused
-    (~8% of a training step there). The update is the same AdamW.
+    per-tensor loop. In 30 steps of the demo's training loop under cProfile
+    the optimizer step took 23 ms per-tensor and 14 ms fused (~2% of a
+    step). The update is the same AdamW.
     """
     decay, no_decay = [], []
     for p in model.parameters():
