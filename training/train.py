@@ -303,12 +303,14 @@ def seed_transform(transform: Any, seed: int) -> None:
     """
     if transform is None:
         return
+    from .transforms import reseed
+
     first_use = getattr(transform, "_maybe_reseed", None)
     if callable(first_use):
         first_use()
     compose = getattr(transform, "compose", transform)
-    if hasattr(compose, "set_random_seed"):
-        compose.set_random_seed(seed)
+    if hasattr(compose, "set_random_state"):
+        reseed(compose, seed)
 
 
 def _worker_init(worker_id: int) -> None:
