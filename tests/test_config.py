@@ -119,6 +119,7 @@ def test_override_beats_the_file(tmp_path: Path) -> None:
         ("train.lr", r"must look like key=value"),
         ("seed.value=1", r"'seed' must be an integer"),
         ("train.nope=1", r"unknown config key 'train\.nope'"),
+        ("data.cache_mb=-1", r"data\.cache_mb.*must be >= 0"),
     ],
 )
 def test_bad_overrides_are_config_errors(override: str, message: str) -> None:

@@ -17,6 +17,7 @@ from calcinosis.training import data as data_mod
 from calcinosis.training.config import config_from_dict
 from calcinosis.training.data import (
     IGNORE_INDEX,
+    DecodedCache,
     PatchDataset,
     Sample,
     assign_splits,
@@ -432,6 +433,45 @@ def test_patch_dataset_resamples_by_mpp(tmp_path):
     assert set(item["mask"].unique().tolist()) <= {0, 3}  # nearest keeps labels
     close = PatchDataset([Sample(img, "gout", mpp=0.51)], CLASS_NAMES, mpp=0.5)
     assert close[0]["image"].shape == (3, 64, 48)  # within 5 %: untouched
+
+
+def test_decoded_cache_reads_each_file_once_and_serves_the_same_items(data_dataset, monkeypatch):
+    samples = read_manifest(data_dataset)
+    tf = build_eval_transform(32, MEAN, STD)
+    plain = PatchDataset(samples, CLASS_NAMES, transform=tf)
+    cache = DecodedCache(2**20)
+    cached = PatchDataset(samples, CLASS_NAMES, transform=tf, cache=cache)
+    reads = Counter()
+    original = data_mod.read_rgb
+
+    def counting(path, *a, **kw):
+        reads[str(path)] += 1
+        return original(path, *a, **kw)
+
+    monkeypatch.setattr(data_mod, "read_rgb", counting)
+    for _ in range(3):  # three epochs
+        for i in range(len(samples)):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert len(cache) == len(samples) and cache.hits == 2 * len(samples)
+    assert all(n == 4 for n in reads.values())  # 3 by the plain dataset, 1 by the cached
+    image, mask = cache.get(next(iter(cache._items)))
+    assert not image.flags.writeable and (mask is None or not mask.flags.writeable)
+
+
+def test_decoded_cache_stops_at_its_budget_and_skips_bad_files(tmp_path):
+    good = [_img(tmp_path / f"g{i}.png", seed=i) for i in range(4)]  # 32x32x3: 3072 bytes each
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(good[0].read_bytes()[:100])
+    samples = [Sample(p, "gout", None, None, "train") for p in (good[0], bad, *good[1:])]
+    cache = DecodedCache(2 * 3072 + 100)
+    ds = PatchDataset(samples, CLASS_NAMES, cache=cache)
+    items = [ds[i]["index"] for i in range(len(samples))]
+    assert items == [0, 2, 2, 3, 4]  # the broken file is skipped as without a cache
+    assert len(cache) == 2 and cache.nbytes == 2 * 3072  # full: the rest is read each time
+    assert str(bad) in ds.bad_files
+    with pytest.raises(ValueError, match="max_bytes"):
+        DecodedCache(-1)
 
 
 def test_patch_dataset_rejects_unknown_labels(tmp_path):

@@ -210,13 +210,22 @@ def test_weight_average_is_exported_and_resumes_exactly(
 
 
 @pytest.mark.slow
-def test_result_does_not_depend_on_worker_count(tmp_path: Path, train_manifest: Path) -> None:
+def test_result_does_not_depend_on_workers_or_cache(tmp_path: Path, train_manifest: Path) -> None:
     runs = {}
-    for workers in (0, 2):
-        out = tmp_path / f"w{workers}"
-        T.train(make_cfg(train_manifest, out, f"data.num_workers={workers}", "calibrate=false"))
-        runs[workers] = out
-    assert_same_weights(runs[0] / "last.safetensors", runs[2] / "last.safetensors")
+    for workers, cache_mb in ((0, 64), (2, 64), (0, 0)):
+        out = tmp_path / f"w{workers}c{cache_mb}"
+        T.train(
+            make_cfg(
+                train_manifest,
+                out,
+                f"data.num_workers={workers}",
+                f"data.cache_mb={cache_mb}",
+                "calibrate=false",
+            )
+        )
+        runs[workers, cache_mb] = out / "last.safetensors"
+    assert_same_weights(runs[0, 64], runs[2, 64])
+    assert_same_weights(runs[0, 64], runs[0, 0])
 
 
 # --------------------------------------------------------------------------- failures

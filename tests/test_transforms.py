@@ -121,6 +121,20 @@ def test_train_mask_values_subset_with_all_augmentations():
         assert set(f(image=_he_image(), mask=_mask())["mask"].unique().tolist()) <= {0, 1, 3}
 
 
+def test_train_pipeline_never_writes_into_its_input():
+    # The decoded-patch cache hands out read-only arrays: every augmentation
+    # must copy rather than write in place (it raises if one does not).
+    img, mask = _he_image(), _mask()
+    img.flags.writeable = mask.flags.writeable = False
+    aug = AugmentConfig(blur_prob=1.0, jpeg_prob=1.0, brightness_contrast=0.2, hue_shift=10)
+    for stain_normalize in ("none", "macenko"):
+        aug.stain_normalize = stain_normalize
+        f = build_train_transform(aug, 48, MEAN, STD, seed=0)
+        for _ in range(10):
+            assert f(image=img, mask=mask)["image"].shape == (3, 48, 48)
+        build_eval_transform(48, MEAN, STD, stain_normalize=stain_normalize)(image=img, mask=mask)
+
+
 def test_train_seed_makes_it_repeatable():
     img, mask = _he_image(), _mask()
     a = build_train_transform(AugmentConfig(), 64, MEAN, STD, seed=11)

@@ -63,6 +63,11 @@ class DataConfig:
     test_fraction: float = 0.15
     # DataLoader worker processes; 2 matches this project's reference machine.
     num_workers: int = 2
+    # Decoded patches kept in memory per loading process (MB; 0: off), shared by
+    # the train and val sets: each patch is read and decoded once, not once an
+    # epoch. Every worker keeps its own copy, so memory is up to
+    # max(num_workers, 1) x cache_mb.
+    cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.source == "manifest":
@@ -79,6 +84,7 @@ class DataConfig:
             "plus data.test_fraction must be < 1",
         )
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 turns the cache off)")
 
 
 @dataclass

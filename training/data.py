@@ -46,6 +46,7 @@ from calcinosis.training.imageio import IMAGE_EXTENSIONS, image_size, read_mask,
 __all__ = [
     "IGNORE_INDEX",
     "SPLITS",
+    "DecodedCache",
     "PatchDataset",
     "Sample",
     "assign_splits",
@@ -773,6 +774,52 @@ def _resample(
 Transform = Callable[..., dict[str, Any]]
 
 
+class DecodedCache:
+    """Decoded patches (image and mask, after rescaling) kept in memory.
+
+    Reading and decoding a small PNG costs about as much as augmenting it, and
+    training reads every patch once an epoch: keeping the decoded arrays saves
+    that work from the second epoch on. Patches are kept first come, first
+    kept, until ``max_bytes`` is reached (no eviction: training revisits
+    every patch in turn, so any policy would evict what is needed next). Arrays are stored
+    read-only, so a transform that writes into its input fails loudly instead
+    of corrupting later epochs. Each process has its own: a DataLoader worker
+    fills a copy, so memory grows with ``num_workers`` x ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: dict[Any, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return item
+
+    def put(self, key: Any, image: np.ndarray, mask: np.ndarray | None) -> None:
+        size = image.nbytes + (mask.nbytes if mask is not None else 0)
+        if key in self._items or self.nbytes + size > self.max_bytes:
+            return
+        image = np.ascontiguousarray(image)
+        image.flags.writeable = False
+        if mask is not None:
+            mask = np.ascontiguousarray(mask)
+            mask.flags.writeable = False
+        self._items[key] = (image, mask)
+        self.nbytes += size
+
+
 class PatchDataset(Dataset):
     """Serves ``image``, ``label``, ``stain``, ``mask`` and ``index`` for each sample.
 
@@ -781,7 +828,9 @@ class PatchDataset(Dataset):
     differs from ``mpp`` by more than 5 % are rescaled first. An unreadable
     image (or mask) is logged once, recorded in ``bad_files`` (path -> reason,
     per process: DataLoader workers keep their own) and replaced by the next
-    readable sample, whose index is the one returned.
+    readable sample, whose index is the one returned. With a ``cache``
+    (:class:`DecodedCache`, which datasets may share) each patch is read and
+    decoded once per process.
     """
 
     def __init__(
@@ -792,12 +841,14 @@ class PatchDataset(Dataset):
         transform: Transform | None = None,
         *,
         mpp: float | None = None,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.class_names = list(class_names)
         self.stain_names = list(stain_names)
         self.transform = transform
         self.mpp = mpp
+        self.cache = cache
         self._class_idx = {c: i for i, c in enumerate(self.class_names)}
         self._stain_idx = {s: i for i, s in enumerate(self.stain_names)}
         unknown = sorted({s.label for s in self.samples} - set(self._class_idx))
@@ -818,6 +869,15 @@ class PatchDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Decoded image and mask of one sample, at the dataset's mpp; may raise."""
         s = self.samples[index]
+        key = (str(s.path), str(s.mask_path), s.mpp, self.mpp)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return hit
+        image, mask = self._read(s)
+        if self.cache is not None:
+            self.cache.put(key, image, mask)
+        return image, mask
+
+    def _read(self, s: Sample) -> tuple[np.ndarray, np.ndarray | None]:
         image = read_rgb(s.path)
         mask = read_mask(s.mask_path) if s.mask_path is not None else None
         if mask is not None and mask.shape != image.shape[:2]:

@@ -86,7 +86,7 @@ LR_FLOOR = 0.01
 
 #: Config keys that may differ on --resume: more epochs extend the run; the
 #: worker count and the folder's own path do not change any result.
-RESUME_MAY_CHANGE = frozenset({"train.epochs", "data.num_workers", "output_dir"})
+RESUME_MAY_CHANGE = frozenset({"train.epochs", "data.num_workers", "data.cache_mb", "output_dir"})
 
 METRICS_COLUMNS = (
     "epoch",
@@ -324,7 +324,7 @@ def build_loaders(
     cfg: Config, samples: list, data_config: dict[str, Any], dist_info: DistInfo
 ) -> tuple[DataLoader, DataLoader | None, EpochSampler, int]:
     """Train and validation loaders; returns them with the sampler and steps per epoch."""
-    from .data import PatchDataset
+    from .data import DecodedCache, PatchDataset
     from .transforms import build_eval_transform, build_train_transform, make_fork_safe
 
     class_names = list(cfg.model.class_names)
@@ -339,10 +339,11 @@ def build_loaders(
     train_tf = build_train_transform(cfg.augment, size, mean, std)
     eval_tf = build_eval_transform(size, mean, std, stain_normalize=cfg.augment.stain_normalize)
     mpp = cfg.data.mpp
-    train_ds = PatchDataset(train_samples, class_names, stain_names, train_tf, mpp=mpp)
+    cache = DecodedCache(cfg.data.cache_mb * 2**20) if cfg.data.cache_mb else None
+    train_ds = PatchDataset(train_samples, class_names, stain_names, train_tf, mpp=mpp, cache=cache)
     val_ds = None
     if val_samples:
-        val_ds = PatchDataset(val_samples, class_names, stain_names, eval_tf, mpp=mpp)
+        val_ds = PatchDataset(val_samples, class_names, stain_names, eval_tf, mpp=mpp, cache=cache)
 
     batch = cfg.train.batch_size
     per_rank = math.ceil(len(train_samples) / dist_info.world_size)
