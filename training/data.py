@@ -780,10 +780,10 @@ class DecodedCache:
     Reading and decoding a small PNG costs about as much as augmenting it, and
     training reads every patch once an epoch: keeping the decoded arrays saves
     that work from the second epoch on. Patches are kept first come, first
-    kept, until ``max_bytes`` is reached (no eviction: training revisits
-    every patch in turn, so any policy would evict what is needed next). Arrays are stored
-    read-only, so a transform that writes into its input fails loudly instead
-    of corrupting later epochs. Each process has its own: a DataLoader worker
+    kept, until ``max_bytes`` is reached (no eviction: training revisits every
+    patch in turn, so any policy would evict what is needed next). Arrays are
+    stored read-only, so a transform that writes into its input fails loudly
+    instead of corrupting later epochs. Each process has its own: a DataLoader worker
     fills a copy, so memory grows with ``num_workers`` x ``max_bytes``.
     """
 
