@@ -96,9 +96,14 @@ __all__ = [
 #: Microns per pixel of generated patches (a 20x scan).
 NOMINAL_MPP = 0.5
 #: Bumped whenever the rendering changes, so cached datasets can be told apart.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
-MANIFEST_COLUMNS = ("path", "label", "stain", "mask_path", "split", "mpp")
+MANIFEST_COLUMNS = ("path", "label", "stain", "mask_path", "split", "mpp", "style")
+#: Rendering styles: ``a`` (this module: component concentrations through
+#: Beer-Lambert optics), ``b`` (:mod:`.synthetic_b`: other primitives, textures
+#: and a painted rendering of the same tissue model) and ``mix`` (every other
+#: patch of each class and stain in each style).
+STYLES = ("a", "b", "mix")
 SPLIT_FRACTIONS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 
 # ---------------------------------------------------------------------------
@@ -251,6 +256,7 @@ class _Scene:
         self.c = np.zeros((len(COMPONENTS), size, size), np.float32)
         self.labels = np.zeros((size, size), np.uint8)
         self.xx, self.yy = _grid(size)
+        self.style = NEUTRAL_STYLE
 
     # -- units and noise ------------------------------------------------------
     def px(self, um: float) -> float:
@@ -298,6 +304,9 @@ class _Scene:
     def ellipse(
         self, comp: int, x: float, y: float, a: float, b: float, ang_deg: float, val: float
     ):
+        if comp == NUC:  # the patch's nuclear size and shape (domain randomisation)
+            a *= self.style["nuc_size"] * self.style["nuc_aspect"]
+            b *= self.style["nuc_size"] / self.style["nuc_aspect"]
         cv2.ellipse(
             self.c[comp],
             (int(x * 16), int(y * 16)),
@@ -324,12 +333,20 @@ def _uint8_mask(m: np.ndarray) -> np.ndarray:
     return (m > 0.5).astype(np.uint8)
 
 
+def _distance(m: np.ndarray) -> np.ndarray:
+    """Pixels to the nearest zero of the uint8 mask ``m`` (cv2.distanceTransform).
+
+    A mask without zeros has none to measure to: OpenCV then returns ~FLT_MAX,
+    which overflows the sines drawn from it; no pixel is farther than two sides.
+    """
+    d = cv2.distanceTransform(m, cv2.DIST_L2, 5)
+    return np.minimum(d, 2.0 * float(max(m.shape)), out=d)
+
+
 def _signed_distance(mask: np.ndarray) -> np.ndarray:
     """Pixels to the mask boundary: negative inside, positive outside."""
     m = _uint8_mask(mask)
-    inside = cv2.distanceTransform(m, cv2.DIST_L2, 5)
-    outside = cv2.distanceTransform(1 - m, cv2.DIST_L2, 5)
-    return outside - inside
+    return _distance(1 - m) - _distance(m)
 
 
 def _gradient_dir(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -528,11 +545,11 @@ def _collagen(sc: _Scene, lay: _Layout, region: np.ndarray) -> None:
     rng = sc.rng
     ang = lay.theta + math.pi / 2 + rng.normal(0, 0.35)  # bundles run roughly parallel to surface
     ca, sa = math.cos(ang), math.sin(ang)
-    warp = rng.uniform(4, 12)
+    warp = rng.uniform(4, 12) * sc.style["coll_warp"]
     dx = sc.noise(30) * sc.px(warp)
     dy = sc.noise(30) * sc.px(warp)
     u = (sc.xx + dx) * (-sa) + (sc.yy + dy) * ca  # across bundles
-    period = sc.px(rng.uniform(8, 20))
+    period = sc.px(rng.uniform(8, 20) * sc.style["coll_period"])
     s = np.sin(2 * np.pi * u / period + 0.6 * sc.noise(15))
     along = sc.noise(12)
     cleft = _smoothstep(s, 0.72, 0.95) * _smoothstep(along, -0.6, 0.4)
@@ -540,6 +557,8 @@ def _collagen(sc: _Scene, lay: _Layout, region: np.ndarray) -> None:
     dense = rng.uniform(0.6, 1.0)
     if lay.collagen is not None:  # a region tile: density varies smoothly over the region
         dense = lay.collagen
+    # loose to sclerotic: dense collagen is as eosinophilic as bone, in every class
+    dense = dense * sc.style["coll_density"]
     coll = dense * (0.92 + fibril + 0.06 * sc.noise(8)) * (1 - 0.9 * cleft)
     # papillary dermis: looser, finer, paler
     pap = _smoothstep(lay.dej + lay.papillary - lay.depth, -5, 5)
@@ -943,7 +962,7 @@ def _osteoma(sc: _Scene, lay: _Layout) -> None:
             * deep,
         )
         lesion = np.maximum(lesion, bone)
-        lam_d = cv2.distanceTransform(_uint8_mask(bone), cv2.DIST_L2, 5)
+        lam_d = _distance(_uint8_mask(bone))
     marrow = np.clip(lesion - bone, 0, 1)
     # marrow: fat cells or loose fibrovascular stroma with scattered cells
     if marrow.any():
@@ -963,7 +982,7 @@ def _osteoma(sc: _Scene, lay: _Layout) -> None:
             )
     # lamellae follow the trabecular surface; osteons have concentric ones
     bmask = _uint8_mask(bone)
-    din = cv2.distanceTransform(bmask, cv2.DIST_L2, 5)
+    din = _distance(bmask)
     period = sc.px(rng.uniform(3, 6))
     phase = 0.3 * sc.noise(25)
     osteon_canals = []
@@ -1190,24 +1209,68 @@ _DEPOSITS = {
 # ---------------------------------------------------------------------------
 
 
-def _lab_settings(rng: np.random.Generator, shift: float) -> dict:
+#: The drawing style of a patch with every randomised knob at its middle.
+NEUTRAL_STYLE: dict[str, float] = {
+    "coll_density": 1.0,
+    "coll_period": 1.0,
+    "coll_warp": 1.0,
+    "nuc_size": 1.0,
+    "nuc_aspect": 1.0,
+    "nuc_blur": 0.6,
+    "nuc_texture": 0.2,
+    "edge_blur": 0.0,
+    "dye_amount_sd": 0.12,
+    "dye_hue_deg": 3.0,
+}
+
+
+def _style_settings(rng: np.random.Generator) -> dict[str, float]:
+    """Domain randomisation: how this patch is drawn, independently of its class.
+
+    A model trained on one fixed rendering learns the renderer's signature
+    (its fibre width, its nuclear outline, its exact dye colours) as readily
+    as the morphology. Every patch therefore draws its own collagen density
+    (loose papillary to sclerotic: dense collagen is as pink as bone in every
+    class), bundle width and waviness, nuclear size, shape and sharpness,
+    edge softness of everything painted, and how far its dyes stray from the
+    reference colours, so that only the structure that defines a class is
+    common to all its patches.
+    """
+    return {
+        "coll_density": float(np.exp(rng.uniform(np.log(0.5), np.log(1.6)))),
+        "coll_period": float(rng.uniform(0.5, 1.8)),
+        "coll_warp": float(rng.uniform(0.3, 1.8)),
+        "nuc_size": float(rng.uniform(0.8, 1.25)),
+        "nuc_aspect": float(rng.uniform(0.8, 1.3)),
+        "nuc_blur": float(rng.uniform(0.3, 1.2)),
+        "nuc_texture": float(rng.uniform(0.05, 0.45)),
+        "edge_blur": float(rng.uniform(0.3, 1.3)) if rng.random() < 0.4 else 0.0,
+        "dye_amount_sd": float(rng.uniform(0.08, 0.3)),
+        "dye_hue_deg": float(rng.uniform(2.0, 12.0)),
+    }
+
+
+def _lab_settings(
+    rng: np.random.Generator, shift: float, style: dict[str, float] = NEUTRAL_STYLE
+) -> dict:
     """Per-patch staining and scanner settings; shift pushes them outside training."""
     sign = 1.0 if rng.random() < 0.5 else -1.0
     return {
         "amount": np.exp(
-            rng.normal(0, 0.12, len(DYES))
+            rng.normal(0, style["dye_amount_sd"], len(DYES))
             + sign * 0.45 * shift
             + rng.normal(0, 0.1 * shift, len(DYES))
         ),
         "hue": np.radians(
-            rng.normal(0, 3.0, len(DYES)) + (1 if rng.random() < 0.5 else -1) * 12.0 * shift
+            rng.normal(0, style["dye_hue_deg"], len(DYES))
+            + (1 if rng.random() < 0.5 else -1) * 12.0 * shift
         ),
-        "thickness": rng.uniform(0.85, 1.15),
-        "background": rng.uniform(236, 250) - 10 * shift * rng.random(),
-        "tint": rng.normal(0, 0.012, 3) + shift * 0.06 * rng.normal(0, 1, 3),
+        "thickness": rng.uniform(0.8, 1.2),
+        "background": rng.uniform(232, 252) - 10 * shift * rng.random(),
+        "tint": rng.normal(0, 0.02, 3) + shift * 0.06 * rng.normal(0, 1, 3),
         "vignette": rng.uniform(0, 0.08) + 0.12 * shift,
-        "blur": rng.uniform(0.0, 0.8) + shift * rng.uniform(0.6, 1.3),
-        "noise": rng.uniform(0.8, 2.5) + 3.0 * shift,
+        "blur": rng.uniform(0.0, 1.1) + shift * rng.uniform(0.6, 1.3),
+        "noise": rng.uniform(0.5, 3.5) + 3.0 * shift,
         "jpeg": int(np.clip(rng.integers(70, 96) - 45 * shift, 15, 100))
         if rng.random() < 0.8
         else 0,
@@ -1344,6 +1407,11 @@ def _render_scene(
     """render_patch's body; a region tile passes ``ctx`` (layout, lab and light from the region)."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, ci, si, GENERATOR_VERSION])
     sc = _Scene(rng, size, mpp)
+    if ctx is None:  # a region's tiles share the region's style (one slide, one look)
+        style_rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, ci, si, 0x57E])
+        sc.style = _style_settings(style_rng)
+    else:
+        sc.style = ctx.lab.get("style", NEUTRAL_STYLE)
     lay = _Layout(sc, label, ctx)
     if ctx is None or not lay.glass.all():  # a region's bare-glass tile needs no tissue
         _base_tissue(sc, lay)
@@ -1377,10 +1445,16 @@ def _render_scene(
     sc.clear(cv2.GaussianBlur(glass, (0, 0), 0.7))
     sc.labels[lay.glass] = 0
     nuc = sc.c[NUC]
-    tex = 0.8 + 0.2 * sc.fine_noise(0.7)
-    sc.c[NUC] = cv2.GaussianBlur(nuc * tex, (0, 0), 0.6)
+    amp = sc.style["nuc_texture"]
+    tex = (1 - amp) + amp * sc.fine_noise(0.7)
+    sc.c[NUC] = cv2.GaussianBlur(nuc * tex, (0, 0), sc.style["nuc_blur"])
+    if sc.style["edge_blur"] > 0:  # soft-edged rendering of everything drawn
+        sig = sc.style["edge_blur"]
+        for k in range(len(COMPONENTS)):
+            if k != NUC and sc.c[k].any():
+                sc.c[k] = cv2.GaussianBlur(sc.c[k], (0, 0), sig)
     if ctx is None:
-        lab = _lab_settings(rng, shift)
+        lab = _lab_settings(rng, shift, sc.style)
     else:
         # one lab for the whole slide; folds and bubbles would stop at the tile edge
         lab = dict(ctx.lab, fold=False, bubble=False, debris=bool(rng.random() < 0.12))
@@ -1413,11 +1487,35 @@ def _rel_paths(label: str, stain: str, i: int) -> tuple[str, str]:
     return f"images/{label}/{name}", f"masks/{label}/{name}"
 
 
-def _render_chunk(job: tuple[str, list[tuple[str, str, int]], int, int, float, float]) -> int:
-    out, tasks, seed, size, shift, mpp = job
+def patch_style(style: str, index: int) -> str:
+    """The style (``a`` or ``b``) patch ``index`` of a dataset of ``style`` is drawn in."""
+    if style == "mix":
+        return "b" if index % 2 else "a"
+    return style
+
+
+def _renderer(style: str):
+    if style == "b":
+        from .synthetic_b import render_patch_b
+
+        return render_patch_b
+    return render_patch
+
+
+def _check_style(style: str) -> str:
+    if style not in STYLES:
+        raise ConfigError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
+    return style
+
+
+def _render_chunk(
+    job: tuple[str, list[tuple[str, str, int]], int, int, float, float, str],
+) -> int:
+    out, tasks, seed, size, shift, mpp, style = job
     root = Path(out)
     for label, stain, i in tasks:
-        rgb, labels = render_patch(label, stain, patch_seed(seed, i), size, shift, mpp=mpp)
+        render = _renderer(patch_style(style, i))
+        rgb, labels = render(label, stain, patch_seed(seed, i), size, shift, mpp=mpp)
         img_rel, mask_rel = _rel_paths(label, stain, i)
         _write_png(root / img_rel, rgb)
         _write_png(root / mask_rel, labels)
@@ -1485,12 +1583,16 @@ def generate_dataset(
     workers: int = 0,
     *,
     mpp: float = NOMINAL_MPP,
+    style: str = "a",
 ) -> Path:
     """Write images/, masks/ and manifest.csv for 5 classes x 3 stains x n patches.
 
-    The manifest is written last (atomically), so its presence means the
-    dataset is complete. Returns the manifest path.
+    ``style`` is ``a``, ``b`` or ``mix`` (see :data:`STYLES`); the manifest's
+    ``style`` column says which drew each patch. The manifest is written last
+    (atomically), so its presence means the dataset is complete. Returns the
+    manifest path.
     """
+    _check_style(style)
     if n_per_class_stain < 1:
         raise ConfigError(f"n_per_class_stain must be >= 1, got {n_per_class_stain}")
     if size < 32:
@@ -1510,7 +1612,7 @@ def generate_dataset(
     workers = min(workers, max(1, len(tasks) // 8))
     chunk = max(1, min(32, math.ceil(len(tasks) / (workers * 4))))
     jobs = [
-        (str(root), tasks[j : j + chunk], int(seed), int(size), float(shift), float(mpp))
+        (str(root), tasks[j : j + chunk], int(seed), int(size), float(shift), float(mpp), style)
         for j in range(0, len(tasks), chunk)
     ]
     with _cv2_single_thread():
@@ -1527,9 +1629,13 @@ def generate_dataset(
     writer.writerow(MANIFEST_COLUMNS)
     for label, stain, i in tasks:
         img_rel, mask_rel = _rel_paths(label, stain, i)
-        writer.writerow([img_rel, label, stain, mask_rel, splits[(label, stain, i)], f"{mpp:g}"])
+        split = splits[(label, stain, i)]
+        writer.writerow(
+            [img_rel, label, stain, mask_rel, split, f"{mpp:g}", patch_style(style, i)]
+        )
     settings = {
         "generator_version": GENERATOR_VERSION,
+        "style": style,
         "n_per_class_stain": n_per_class_stain,
         "size": size,
         "seed": seed,
@@ -1558,9 +1664,12 @@ def contact_sheet(
     shift: float = 0.0,
     examples: int = 2,
     mpp: float = NOMINAL_MPP,
+    style: str = "a",
 ) -> Path:
     """PNG grid: rows = classes, columns = stains; each cell shows ``examples``
-    patches, each followed by its label map in the overlay colours."""
+    patches, each followed by its label map in the overlay colours (with
+    ``style`` mix, the examples alternate between the two styles)."""
+    _check_style(style)
     gap, cell_gap, left, top = 2, 10, 170, 28
     cell_w = examples * (2 * size + gap) + (examples - 1) * gap
     width = left + len(STAIN_NAMES) * (cell_w + cell_gap)
@@ -1576,7 +1685,8 @@ def contact_sheet(
         for si, stain in enumerate(STAIN_NAMES):
             x = left + si * (cell_w + cell_gap)
             for e in range(examples):
-                rgb, labels = render_patch(label, stain, patch_seed(seed, e), size, shift, mpp=mpp)
+                render = _renderer(patch_style(style, e))
+                rgb, labels = render(label, stain, patch_seed(seed, e), size, shift, mpp=mpp)
                 sheet[y0 : y0 + size, x : x + size] = rgb
                 x += size + gap
                 sheet[y0 : y0 + size, x : x + size] = _mask_view(rgb, labels)
@@ -2005,7 +2115,8 @@ def render_plan(
     si = STAIN_NAMES.index(stain)
     # one staining run and one scanner for the whole region
     lab_rng = np.random.default_rng([plan.seed & 0xFFFFFFFF, si, 0x5EC7, 2])
-    lab = _lab_settings(lab_rng, float(shift))
+    style = _style_settings(np.random.default_rng([plan.seed & 0xFFFFFFFF, si, 0x57E]))
+    lab = dict(_lab_settings(lab_rng, float(shift), style), style=style)
     state = {"plan": plan, "lab": lab, "stain": stain, "si": si, "shift": float(shift)}
     width, height, tile = plan.width, plan.height, plan.tile
     rows, cols = plan.rows, plan.cols
@@ -2200,12 +2311,18 @@ def run_synth(args) -> int:
         shift=args.shift,
         workers=args.workers,
         mpp=args.mpp,
+        style=args.style,
     )
     n = args.n_per_class_stain * len(CLASS_NAMES) * len(STAIN_NAMES)
     print(f"wrote {n} patches ({args.size} px, {args.mpp} um/px) and {manifest}")
     if getattr(args, "sheet", None):
         sheet = contact_sheet(
-            args.sheet, size=args.size, seed=args.seed, shift=args.shift, mpp=args.mpp
+            args.sheet,
+            size=args.size,
+            seed=args.seed,
+            shift=args.shift,
+            mpp=args.mpp,
+            style=args.style,
         )
         print(f"wrote contact sheet {sheet}")
     return 0
