@@ -16,6 +16,8 @@ from calcinosis.training.transforms import (
     MACENKO_REF_STAINS,
     HEDJitter,
     MacenkoNormalizer,
+    RandConv,
+    RandomStainMatrix,
     build_eval_transform,
     build_train_transform,
     macenko_stains,
@@ -126,7 +128,15 @@ def test_train_pipeline_never_writes_into_its_input():
     # must copy rather than write in place (it raises if one does not).
     img, mask = _he_image(), _mask()
     img.flags.writeable = mask.flags.writeable = False
-    aug = AugmentConfig(blur_prob=1.0, jpeg_prob=1.0, brightness_contrast=0.2, hue_shift=10)
+    aug = AugmentConfig(
+        blur_prob=1.0,
+        jpeg_prob=1.0,
+        brightness_contrast=0.2,
+        hue_shift=10,
+        random_stain_prob=1.0,
+        randconv_prob=1.0,
+        grayscale_prob=1.0,
+    )
     for stain_normalize in ("none", "macenko"):
         aug.stain_normalize = stain_normalize
         f = build_train_transform(aug, 48, MEAN, STD, seed=0)
@@ -294,3 +304,51 @@ def test_bad_inputs_are_rejected_clearly():
     with pytest.raises(ValueError):
         build_eval_transform(32, MEAN, STD, stain_normalize="reinhard")
     assert tr.od_to_rgb(tr.rgb_to_od(np.arange(256, dtype=np.uint8))).tolist() == list(range(256))
+
+
+# --------------------------------------------------------------------------- style randomisation
+
+
+def test_random_stain_matrix_recolours_tissue_and_keeps_glass_white():
+    img = _he_image()
+    t = RandomStainMatrix(sigma=0.25, p=1.0)
+    hues = []
+    for seed in range(6):
+        t.set_random_seed(seed)
+        out = t(image=img)["image"]
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert out[:, :8].min() >= 250  # glass (zero density) stays white
+        hues.append(out[:, 32:].reshape(-1, 3).mean(axis=0))
+    # a new dye basis for every draw: the tissue colour moves between draws
+    assert np.ptp(np.stack(hues), axis=0).max() > 10
+    # the density map, hence the structure, is kept: darkness ranks the same pixels
+    od_in = tr.rgb_to_od(img).sum(axis=2).ravel()
+    od_out = tr.rgb_to_od(out).sum(axis=2).ravel()
+    assert np.corrcoef(od_in, od_out)[0, 1] > 0.8
+
+
+def test_randconv_keeps_outlines_and_range():
+    img = _he_image()
+    t = RandConv(p=1.0)
+    for seed in range(6):
+        t.set_random_seed(seed)
+        params = t.get_params()
+        out = t.apply(img, **params)
+        assert out.shape == img.shape and out.dtype == np.uint8
+        # edges stay where they were: the glass/tissue border is still the strongest step
+        grey_in = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        grey_out = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        ein = np.abs(np.diff(grey_in, axis=1)).mean(axis=0)
+        eout = np.abs(np.diff(grey_out, axis=1)).mean(axis=0)
+        assert abs(int(np.argmax(ein)) - int(np.argmax(eout))) <= 2 or eout.max() < 1
+    # alpha 1 gives the input back
+    w = np.zeros((3, 3, 1, 1), np.float32)
+    assert np.array_equal(t.apply(img, weights=w, alpha=1.0), img)
+
+
+def test_style_randomisation_keys_are_checked():
+    from calcinosis.model.errors import ConfigError
+
+    for key in ("random_stain_prob", "randconv_prob", "grayscale_prob"):
+        with pytest.raises(ConfigError, match=f"augment.{key}"):
+            AugmentConfig(**{key: 1.5})

@@ -106,13 +106,27 @@ class AugmentConfig:
     brightness_contrast: float = 0.1
     # Hue/saturation jitter amplitude in degrees / percent.
     hue_shift: int = 6
+    # Style randomisation that keeps structure (for models that must transfer to
+    # other renderers, labs and real slides): probability of a random dye basis
+    # (optical density re-mixed through a random 3x3 matrix), of a random
+    # convolution (RandConv: texture and colour scrambled, outlines kept) and of
+    # a grey copy. 0 turns each off.
+    random_stain_prob: float = 0.0
+    randconv_prob: float = 0.0
+    grayscale_prob: float = 0.0
     # Optional stain normalisation applied to every image (train and inference).
     stain_normalize: Literal["none", "macenko"] = "none"
 
     def __post_init__(self) -> None:
         lo, hi = self.scale
         _require(0 < lo <= hi, "augment.scale", "must be [low, high] with 0 < low <= high")
-        for key in ("blur_prob", "jpeg_prob"):
+        for key in (
+            "blur_prob",
+            "jpeg_prob",
+            "random_stain_prob",
+            "randconv_prob",
+            "grayscale_prob",
+        ):
             _require(0 <= getattr(self, key) <= 1, f"augment.{key}", "must be in [0, 1]")
         _require(self.hed_sigma >= 0, "augment.hed_sigma", "must be >= 0")
         _require(self.stain_strength >= 0, "augment.stain_strength", "must be >= 0")

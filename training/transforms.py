@@ -14,6 +14,7 @@ their values are always a subset of the input's.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ __all__ = [
     "HEDJitter",
     "MacenkoNormalizer",
     "Pipeline",
+    "RandConv",
+    "RandomStainMatrix",
     "build_eval_transform",
     "build_train_transform",
     "reseed",
@@ -129,6 +132,84 @@ class HEDJitter(ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("sigma", "background_od", "strength_sigma")
+
+
+class RandomStainMatrix(ImageOnlyTransform):
+    """A random dye basis: optical density re-mixed through ``I + N(0, sigma)`` (3x3).
+
+    Each channel's optical density becomes a random combination of all three,
+    so every dye is recoloured to a neighbouring but arbitrary hue while the
+    density of each structure, and so its shape, is kept: a colour shortcut
+    (pink means bone) stops paying off, the morphology does not. Glass (zero
+    density) stays white.
+    """
+
+    def __init__(self, sigma: float = 0.25, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.sigma = float(sigma)
+
+    def get_params(self) -> dict[str, Any]:
+        rng = self.random_generator
+        m = np.eye(3) + rng.normal(0.0, self.sigma, size=(3, 3))
+        # overall density scale kept near 1: the stain's strength is HEDJitter's job
+        m *= 3.0 / max(float(np.abs(m).sum(axis=0).mean() * 3.0), 1e-3)
+        return {"matrix": m.astype(np.float32)}
+
+    def apply(self, img: np.ndarray, matrix: np.ndarray | None = None, **_: Any) -> np.ndarray:
+        if matrix is None:
+            return img
+        out = _apply_3x3(rgb_to_od(img), matrix)
+        np.maximum(out, 0.0, out=out)
+        return od_to_rgb(out)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("sigma",)
+
+
+class RandConv(ImageOnlyTransform):
+    """Random convolution (Xu et al., ICLR 2021): texture and colour changed, shape kept.
+
+    A random 3 -> 3 channel filter of size 1, 3 or 5 (weights ``N(0, 1/(3 k^2))``)
+    is applied, its output rescaled to the input's mean and spread, and mixed
+    with the input by a random ``alpha``: local textures and colours the
+    renderer of the training data happened to draw are scrambled, outlines
+    stay where they are.
+    """
+
+    def __init__(self, kernel_sizes: Sequence[int] = (1, 3, 5), p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.kernel_sizes = tuple(int(k) for k in kernel_sizes)
+
+    def get_params(self) -> dict[str, Any]:
+        rng = self.random_generator
+        k = int(rng.choice(self.kernel_sizes))
+        w = rng.normal(0.0, 1.0 / math.sqrt(3 * k * k), size=(3, 3, k, k))
+        return {"weights": w.astype(np.float32), "alpha": float(rng.uniform(0.0, 1.0))}
+
+    def apply(
+        self,
+        img: np.ndarray,
+        weights: np.ndarray | None = None,
+        alpha: float = 1.0,
+        **_: Any,
+    ) -> np.ndarray:
+        if weights is None:
+            return img
+        x = img.astype(np.float32) * (1.0 / 255.0)
+        planes = [x[:, :, c] for c in range(3)]
+        out = np.zeros_like(x)
+        for o in range(3):
+            acc = out[:, :, o]
+            for c in range(3):
+                acc += cv2.filter2D(planes[c], -1, weights[o, c], borderType=cv2.BORDER_REFLECT)
+        # back to the input's brightness and contrast, then blended with it
+        mu, sd = float(x.mean()), float(x.std()) + 1e-4
+        out = (out - out.mean(axis=(0, 1))) / (out.std(axis=(0, 1)) + 1e-4) * sd + mu
+        out = alpha * x + (1.0 - alpha) * out
+        return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("kernel_sizes",)
 
 
 # --------------------------------------------------------------------------- Macenko
@@ -400,6 +481,12 @@ def build_train_transform(
         ops.append(A.D4(p=1.0))  # all 8 flips / quarter turns, identity included
     if aug.hed_sigma > 0 or aug.stain_strength > 0:
         ops.append(HEDJitter(sigma=aug.hed_sigma, strength_sigma=aug.stain_strength, p=1.0))
+    if aug.random_stain_prob > 0:
+        ops.append(RandomStainMatrix(sigma=0.25, p=aug.random_stain_prob))
+    if aug.randconv_prob > 0:
+        ops.append(RandConv(p=aug.randconv_prob))
+    if aug.grayscale_prob > 0:
+        ops.append(A.ToGray(num_output_channels=3, p=aug.grayscale_prob))
     if aug.brightness_contrast > 0:
         bc = aug.brightness_contrast
         ops.append(A.RandomBrightnessContrast(brightness_limit=bc, contrast_limit=bc, p=0.5))
