@@ -1630,9 +1630,7 @@ def generate_dataset(
     for label, stain, i in tasks:
         img_rel, mask_rel = _rel_paths(label, stain, i)
         split = splits[(label, stain, i)]
-        writer.writerow(
-            [img_rel, label, stain, mask_rel, split, f"{mpp:g}", patch_style(style, i)]
-        )
+        writer.writerow([img_rel, label, stain, mask_rel, split, f"{mpp:g}", patch_style(style, i)])
     settings = {
         "generator_version": GENERATOR_VERSION,
         "style": style,
