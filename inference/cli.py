@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "predict": "calcinosis.inference.predict:run_predict",
     "export": "calcinosis.inference.export:run_export",
     "bench": "calcinosis.inference.bench:run_bench",
+    "robustness": "calcinosis.inference.robustness:run_robustness",
 }
 
 
@@ -85,6 +86,14 @@ def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
         help="microns per pixel to render at (default 0.5, a 20x scan); 1.0 shows twice "
         "the tissue in the same pixels",
     )
+    p.add_argument(
+        "--style",
+        choices=("a", "b", "mix"),
+        default="a",
+        help="renderer: a (stained-component optics, default), b (a structurally different "
+        "painted rendering of the same tissue), mix (every other patch in each); for "
+        "measuring and training across rendering styles",
+    )
 
 
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -121,6 +130,13 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/report)")
     p.add_argument("--no-baseline", action="store_true", help="skip the colour-histogram baseline")
+    p.add_argument(
+        "--baseline-train",
+        default=None,
+        metavar="MANIFEST",
+        help="fit the colour baseline on this manifest's train split (default: --data's); "
+        "for another lab's or style's set, the model's own training manifest",
+    )
     p.add_argument(
         "--reference",
         default=None,
@@ -325,7 +341,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_export_parser(sub)
     _add_bench_parser(sub)
+    _add_robustness_parser(sub)
     return parser
+
+
+def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "robustness",
+        help="one table: the network beside the colour-only baseline on every held-out set",
+        description=(
+            "Collect evaluation reports (folders of `calcinosis evaluate`) and, optionally, "
+            "predictions on real patches into one table of the network's macro-F1 beside the "
+            "colour-histogram baseline's. Sets that were not run are listed as such."
+        ),
+    )
+    p.add_argument("--out", required=True, help="folder for robustness.md and robustness.json")
+    p.add_argument(
+        "--report",
+        action="append",
+        metavar="NAME=DIR",
+        help="a row from an evaluation folder's metrics.json (repeatable)",
+    )
+    p.add_argument(
+        "--real-dev",
+        default=None,
+        metavar="MANIFEST",
+        help="real patches to predict (path,label[,mpp] manifest); skipped if it does not exist",
+    )
+    p.add_argument("--checkpoint", default=None, help="the model for --real-dev")
+    p.add_argument(
+        "--train-manifest",
+        default=None,
+        help="the model's training manifest: its train split fits the colour baseline",
+    )
+    p.add_argument("--title", default=None, help="heading of robustness.md")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

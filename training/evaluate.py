@@ -61,12 +61,16 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     device: str = "auto",
     tta: str | None = None,
+    baseline_train: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the ``split`` rows of ``manifest`` ('all' = every row).
 
     ``tta`` ("none" / "d4") defaults to the checkpoint's ``inference.tta``, so
-    the report measures what ``calcinosis predict`` returns. Returns the
-    metrics dict written to ``<out_dir>/metrics.json``.
+    the report measures what ``calcinosis predict`` returns. The colour
+    baseline is fitted on the train split of ``baseline_train`` (default:
+    ``manifest`` itself); for a set from another lab, style or source, name
+    the model's own training manifest, so that both see the same training
+    data. Returns the metrics dict written to ``<out_dir>/metrics.json``.
     """
     from .data import PatchDataset, read_manifest
     from .transforms import build_eval_transform, make_fork_safe
@@ -107,9 +111,14 @@ def evaluate_checkpoint(
     baseline_probs = None
     baseline_note = "skipped (--no-baseline)"
     if baseline:
-        train_rows = [s for s in rows if s.split == "train"]
+        base_rows = rows
+        if baseline_train is not None:
+            base_rows = read_manifest(baseline_train, class_names, stain_names)
+        train_rows = [s for s in base_rows if s.split == "train"]
         if len({s.label for s in train_rows}) < 2:
-            baseline_note = "skipped: the manifest has no train split with two or more classes"
+            baseline_note = (
+                "skipped: the baseline's manifest has no train split with two or more classes"
+            )
         else:
             baseline_probs, baseline_note = _colour_baseline(
                 train_rows, [dataset.samples[i] for i in outputs["indices"]], class_names
@@ -244,5 +253,6 @@ def run_evaluate(args: Any) -> int:
         num_workers=getattr(args, "workers", 0),
         device=getattr(args, "device", "auto"),
         tta=getattr(args, "tta", None),
+        baseline_train=getattr(args, "baseline_train", None),
     )
     return 0
