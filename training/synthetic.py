@@ -932,9 +932,16 @@ def _osteoma(sc: _Scene, lay: _Layout) -> None:
     centre = sc.sample_in(deep, 1)
     lesion_f = _blob_field(sc, centre, [sc.px(rng.uniform(0.35, 1.3) * big)], sc.px(8), 25)
     lesion = _smoothstep(lesion_f, -2, 2) * deep
-    # trabeculae: thresholded smooth field, either plates with marrow holes or bands
+    # trabeculae: thresholded smooth field, either plates with marrow holes or bands;
+    # or compact (cortical) bone: solid lamellar bone with Haversian systems, no marrow
     f = sc.noise(rng.uniform(15, 35))
-    if rng.random() < 0.35:
+    compact = rng.random() < 0.3
+    if compact:
+        lesion_f = _blob_field(sc, centre, [sc.px(rng.uniform(0.9, 1.8) * big)], sc.px(8), 25)
+        lesion = _smoothstep(lesion_f, -2, 2) * deep
+        bone_f = (lesion_f / max(sc.px(8), 1.0)).astype(np.float32)
+        bone = np.ones_like(lesion)
+    elif rng.random() < 0.35:
         w = rng.uniform(0.25, 0.6)
         bone_f = w - np.abs(f - rng.normal(0, 0.3))
         bone = _smoothstep(bone_f, -0.03, 0.03)
@@ -986,8 +993,9 @@ def _osteoma(sc: _Scene, lay: _Layout) -> None:
     period = sc.px(rng.uniform(3, 6))
     phase = 0.3 * sc.noise(25)
     osteon_canals = []
-    if din.max() > sc.px(14) and rng.random() < 0.5:
-        for x, y in sc.sample_in(din > sc.px(12), int(rng.integers(1, 3))):
+    if din.max() > sc.px(14) and (compact or rng.random() < 0.5):
+        n_osteons = int(rng.integers(2, 6)) if compact else int(rng.integers(1, 3))
+        for x, y in sc.sample_in(din > sc.px(12), n_osteons):
             rr = np.sqrt((sc.xx - x) ** 2 + (sc.yy - y) ** 2)
             big_r = min(din[int(y), int(x)], sc.px(rng.uniform(20, 40)))
             inside = rr < big_r
