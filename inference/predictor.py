@@ -4,15 +4,24 @@
 pathologist reads: preprocessing taken from the checkpoint (input size, mean,
 std, microns per pixel), the backend that runs the network (PyTorch fp32 or
 bf16, or ONNX Runtime), calibrated probabilities (``softmax(logits / T)``),
-the "indeterminate" rule, the tissue and focus checks, and, for images much
-larger than the network input, tiling with blended stitching of the deposit
-map and aggregation of the tile verdicts into one region summary.
+the "indeterminate" rule, the tissue and focus checks, the deposits as
+lesions (``lesions.find_lesions``), and, for images much larger than the
+network input, tiling with blended stitching of the deposit map and a region
+call made from the lesions found (``lesions.region_call``).
+
+A patch (one network input) is called by the class head, as it was trained
+and calibrated; its deposits are still listed as lesions. A region is called
+by its lesions: the class with the most ``area x confidence`` over the
+lesions that pass the lesion threshold, other classes present listed in
+``region["also_present"]``; ``normal`` only where no lesion passes. The
+tissue-weighted mean of the tile probabilities, which the call used to be,
+stays in ``region["tile_mean_probabilities"]``.
 
 Result statuses: ``ok``; ``indeterminate`` (top calibrated probability below
-the threshold; the prediction is then the word "indeterminate"); ``no_tissue``
-(blank glass or background: the network is not asked); ``out_of_focus``
-(probabilities are reported but no call is made); ``error`` (the image could
-not be read; ``reason`` says why).
+the threshold, or for a region the winning class's; the prediction is then the
+word "indeterminate"); ``no_tissue`` (blank glass or background: the network is
+not asked); ``out_of_focus`` (probabilities are reported but no call is made);
+``error`` (the image could not be read; ``reason`` says why).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from calcinosis.model.labels import (
 )
 from calcinosis.model.tta import numpy_d4, resolve_tta
 
+from .lesions import LESION_THRESHOLD, MIN_LESION_AREA_UM2, Lesions, find_lesions, region_call
 from .tiling import ArraySource, PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
 from .tissue import focus_measure, outside_section, tissue_mask
 
@@ -93,15 +103,24 @@ class PatchResult:
     label_map: np.ndarray | None = field(default=None, repr=False)
     #: Region mode: one row per tile (not serialised by default: can be long).
     tiles: list[dict[str, Any]] | None = field(default=None, repr=False)
-    #: Region mode: the summary over tissue tiles.
+    #: Region mode: the summary over tissue tiles and the lesion-driven call
+    #: (``tile_mean_probabilities``, ``classes_present``, ``also_present``, ...).
     region: dict[str, Any] | None = None
+    #: The deposits as lesions (``lesions.find_lesions``), strongest first: id, label,
+    #: label_fractions, area_px, area_um2, centroid, bbox, probabilities, prediction,
+    #: class_probability, confidence, deposit_probability, passed, evidence, tiles.
+    #: Coordinates are label-map pixels, or level-0 pixels for slides.
+    lesions: list[dict[str, Any]] | None = None
+    #: OpenCV component index of each lesion in ``lesions.deposit_components(label_map)``
+    #: (not serialised; the GeoJSON writer traces outlines with it).
+    lesion_components: list[int] | None = field(default=None, repr=False)
     #: Whole-slide input: reader, levels, the level and region read, and the mapping of
     #: label-map pixels to slide coordinates (see ``slide.predict_slide``).
     slide: dict[str, Any] | None = None
 
     def to_dict(self, include_tiles: bool = False) -> dict[str, Any]:
         """Plain, JSON-ready data (no label map; tiles only on request)."""
-        skip = {"label_map"} | (set() if include_tiles else {"tiles"})
+        skip = {"label_map", "lesion_components"} | (set() if include_tiles else {"tiles"})
         d = {
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip
         }
@@ -220,6 +239,8 @@ class Predictor:
         batch_size: int = 32,
         tile_overlap: int | None = None,
         tta: str | None = None,
+        lesion_threshold: float | None = None,
+        min_lesion_area_um2: float | None = None,
     ) -> None:
         self.engine = engine
         self.metadata = metadata
@@ -245,6 +266,21 @@ class Predictor:
                 metadata, "min_tissue_fraction", ("inference", "min_tissue_fraction"), 0.1
             )
         self.min_tissue_fraction = float(min_tissue_fraction)
+        if lesion_threshold is None:
+            lesion_threshold = _meta_value(
+                metadata, "lesion_threshold", ("inference", "lesion_threshold"), LESION_THRESHOLD
+            )
+        #: A lesion counts towards a region's call at this calibrated confidence or more.
+        self.lesion_threshold = float(lesion_threshold)
+        if min_lesion_area_um2 is None:
+            min_lesion_area_um2 = _meta_value(
+                metadata,
+                "min_lesion_area_um2",
+                ("inference", "min_lesion_area_um2"),
+                MIN_LESION_AREA_UM2,
+            )
+        #: Deposits smaller than this (µm²) are specks, not lesions.
+        self.min_lesion_area_um2 = float(min_lesion_area_um2)
         self.focus_threshold = focus_threshold
         self.batch_size = max(1, int(batch_size))
         self.tile_overlap = self.input_size // 4 if tile_overlap is None else int(tile_overlap)
@@ -274,6 +310,8 @@ class Predictor:
         min_tissue_fraction: float | None = None,
         threads: int | None = None,
         tta: str | None = None,
+        lesion_threshold: float | None = None,
+        min_lesion_area_um2: float | None = None,
     ) -> Predictor:
         """Load a ``.safetensors`` checkpoint (or a self-describing ``.onnx`` file).
 
@@ -294,6 +332,8 @@ class Predictor:
             focus_threshold=focus_threshold,
             min_tissue_fraction=min_tissue_fraction,
             tta=tta,
+            lesion_threshold=lesion_threshold,
+            min_lesion_area_um2=min_lesion_area_um2,
         )
         if path.suffix.lower() == ".onnx":
             if not backend.startswith("onnx"):
@@ -516,6 +556,7 @@ class Predictor:
             )
             base.label_map = np.zeros((h0, w0), np.uint8)
             self._fill_areas(base, base.label_map)
+            base.lesions, base.lesion_components = [], []
             prep.result = base
             return prep
         base.focus = focus_measure(work, mask)
@@ -545,14 +586,53 @@ class Predictor:
         res.label_map = dep.argmax(axis=-1).astype(np.uint8)
         self._fill_areas(res, res.label_map)
         self._apply_focus(res)
+        # The patch is one tile: its deposits get the patch's own probabilities.
+        found = self._find_lesions(
+            res,
+            res.label_map,
+            [(0, 0, max(h0, w0))],
+            probs[None],
+            [res.status != "out_of_focus"],
+            deposit_prob=1.0 - dep[..., 0] if res.label_map.any() else None,
+        )
+        res.lesions, res.lesion_components = found.lesions, found.components
         return res
 
+    def _find_lesions(
+        self,
+        res: PatchResult,
+        label_map: np.ndarray,
+        boxes: Any,
+        probs: Any,
+        in_focus: Any,
+        deposit_prob: np.ndarray | None = None,
+        fallback: np.ndarray | None = None,
+    ) -> Lesions:
+        """``lesions.find_lesions`` with this predictor's names, area and threshold settings."""
+        return find_lesions(
+            label_map,
+            mpp=res.mpp,
+            class_names=self.class_names,
+            deposit_labels=self.deposit_labels,
+            tile_boxes=boxes,
+            tile_probs=probs,
+            tile_in_focus=in_focus,
+            deposit_prob=deposit_prob,
+            min_area_um2=self.min_lesion_area_um2,
+            lesion_threshold=self.lesion_threshold,
+            fallback_probs=fallback,
+        )
+
     def _predict_region(self, prep: _Prepared) -> PatchResult:
-        """Tile, run, stitch and summarise an image much larger than the input.
+        """Tile, run, stitch, find the lesions and call an image much larger than the input.
 
         Pixels come from a pixel source (the in-memory image, or a slide
         region read band by band), one tile at a time in row-major order;
-        tiles beyond the image read as white glass, as if padded.
+        tiles beyond the image read as white glass, as if padded. Besides the
+        label map, the stitcher keeps the per-pixel deposit probability
+        (``1 - p(label 0)``) at uint8, for each lesion's ``deposit_probability``.
+        The call comes from the lesions (``lesions.region_call``); the
+        tissue-weighted tile mean is ``region["tile_mean_probabilities"]``.
         """
         res = prep.result_template
         s, ov = self.input_size, self.tile_overlap
@@ -607,12 +687,24 @@ class Predictor:
             return cv2.resize(part, (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
 
         depth = len(self.deposit_labels)
-        stitcher = Stitcher((hw, ww), depth, s, ov)
+        # Per-pixel deposit probability, quantised to uint8 (a quarter of float32).
+        dep_prob = np.zeros((hw, ww), np.uint8)
+
+        def keep_deposit_prob(top: int, probs: np.ndarray, _wsum: np.ndarray) -> None:
+            band = 255.0 * (1.0 - probs[..., 0]) + 0.5
+            np.clip(band, 0.0, 255.0, out=band)
+            dep_prob[top : top + probs.shape[0]] = band.astype(np.uint8)
+
+        stitcher = Stitcher((hw, ww), depth, s, ov, consumer=keep_deposit_prob)
         grid = tile_grid((max(hw, s), max(ww, s)), s, ov)
         tiles: list[dict[str, Any]] = []
         agg_w: list[float] = []
         agg_p: list[np.ndarray] = []
         agg_s: list[np.ndarray] = []
+        # Every tile the network saw: (y0, x0, size) in image pixels, probabilities, in focus.
+        run_boxes: list[tuple[int, int, int]] = []
+        run_probs: list[np.ndarray] = []
+        run_focus: list[bool] = []
         inv = 1.0 / prep.factor
         # Tiles waiting for the network, with their pixels: a source is read once, in order.
         todo: list[tuple[dict[str, Any], int, int, np.ndarray]] = []
@@ -644,6 +736,9 @@ class Predictor:
                 counts = label_histogram(lab.astype(np.uint8), depth)
                 for k, name in enumerate(self.deposit_labels[1:], start=1):
                     row[f"tile_px_{name}"] = int(counts[k])
+                run_boxes.append((row["y0"], row["x0"], row["size"]))
+                run_probs.append(p)
+                run_focus.append(row["status"] == "ok")
                 if row["status"] == "ok":
                     agg_w.append(row["tissue_fraction"])
                     agg_p.append(p)
@@ -683,18 +778,45 @@ class Predictor:
             label_map = cv2.resize(
                 label_map, (res.width, res.height), interpolation=cv2.INTER_NEAREST
             )
+            dep_prob = cv2.resize(
+                dep_prob, (res.width, res.height), interpolation=cv2.INTER_NEAREST
+            )
         res.label_map = label_map
         res.tiles = tiles
         res.tissue_fraction = tissue_frac_total
         self._fill_areas(res, label_map)
         n_tissue = sum(1 for t in tiles if t.get("status") in ("ok", "out_of_focus"))
         n_focus = sum(1 for t in tiles if t.get("status") == "out_of_focus")
+        tile_mean: np.ndarray | None = None
         if agg_w:
             w = np.asarray(agg_w, np.float64)
             w = w / w.sum() if w.sum() > 0 else np.full_like(w, 1.0 / len(w))
-            probs = (np.asarray(agg_p) * w[:, None]).sum(0)
-            self._fill_class(res, probs)
+            tile_mean = (np.asarray(agg_p) * w[:, None]).sum(0)
             self._fill_stain(res, (np.asarray(agg_s) * w[:, None]).sum(0))
+        found = self._find_lesions(
+            res,
+            label_map,
+            np.asarray(run_boxes, np.int64).reshape(-1, 3),
+            np.asarray(run_probs, np.float64).reshape(len(run_boxes), len(self.class_names)),
+            run_focus,
+            deposit_prob=dep_prob,
+            fallback=tile_mean,
+        )
+        res.lesions, res.lesion_components = found.lesions, found.components
+        call: dict[str, Any] = {}
+        if tile_mean is not None:
+            call = region_call(
+                res.lesions,
+                dict(zip(self.class_names, map(float, tile_mean), strict=True)),
+                self.class_names,
+                indeterminate_threshold=self.indeterminate_threshold,
+            )
+            res.probabilities = call["probabilities"]
+            res.prediction, res.status, res.reason = (
+                call["prediction"],
+                call["status"],
+                call["reason"],
+            )
         elif n_tissue:
             res.status = "out_of_focus"
             res.reason = f"all {n_tissue} tissue tiles are out of focus"
@@ -721,6 +843,20 @@ class Predictor:
                 for k, v in res.deposit_area_px.items()
             },
             "tile_votes": votes,
+            # The mean the region used to be called by, for reference.
+            "tile_mean_probabilities": (
+                None
+                if tile_mean is None
+                else {c: float(p) for c, p in zip(self.class_names, tile_mean, strict=True)}
+            ),
+            "call_basis": call.get("basis"),
+            "lesion_class": call.get("lesion_class"),
+            "also_present": call.get("also_present", []),
+            "classes_present": call.get("classes_present", []),
+            "lesions_found": len(res.lesions),
+            "lesions_passed": sum(1 for les in res.lesions if les["passed"]),
+            "lesion_threshold": self.lesion_threshold,
+            "min_lesion_area_um2": self.min_lesion_area_um2,
         }
         return res
 

@@ -18,9 +18,10 @@ file. Neither is needed for ordinary images.
 
 Coordinates
 -----------
-``--region X,Y,W,H`` and the GeoJSON outlines use one frame: level-0 (full
-resolution) pixels with the origin at the top-left corner of the image as
-QuPath shows it, which is also OpenSlide's convention. So outlines imported
+``--region X,Y,W,H``, the GeoJSON outlines and the lesions' centroids and
+bounding boxes (``predictions.json``, ``lesions/<name>.csv``) use one frame:
+level-0 (full resolution) pixels with the origin at the top-left corner of the
+image as QuPath shows it, which is also OpenSlide's convention. So outlines imported
 into QuPath land where they were found, and a rectangle read off QuPath can be
 passed as the region. For slides whose scanned area sits inside a larger
 empty canvas (OpenSlide reports ``openslide.bounds-x/-y``, e.g. MIRAX), QuPath
@@ -593,7 +594,9 @@ def predict_slide(
     result's label map is at the read level's resolution over the region;
     ``result.slide`` records the level, the region and how to map label-map
     pixels to slide coordinates (``origin`` + pixel x ``downsample``), which
-    the GeoJSON writer uses. With ``overlay_side``, also returns the region
+    the GeoJSON writer uses; the lesions' ``centroid``, ``bbox`` and
+    ``area_px`` are converted to level-0 pixels of the same frame (``area_um2``
+    needs no conversion). With ``overlay_side``, also returns the region
     shrunk to fit that many pixels (the overlay's background), else None.
     """
     with open_slide(path) as slide:
@@ -642,5 +645,12 @@ def predict_slide(
                 t["slide_x0"] = round(ox + t["x0"] * ds, 1)
                 t["slide_y0"] = round(oy + t["y0"] * ds, 1)
                 t["slide_size"] = round(t["size"] * ds, 1)
+        if res.lesions:
+            # Lesions in the GeoJSON's frame: level-0 pixels (areas too).
+            from .lesions import to_frame
+
+            to_frame(res.lesions, (ox, oy), ds)
+            for g in (res.region or {}).get("classes_present") or []:
+                g["area_px"] = float(g["area_px"]) * ds * ds
     res.path = str(path)
     return res, thumb

@@ -111,7 +111,7 @@ def test_region_mode_tiles_stitches_and_summarises(predictor):
     assert skipped and all(t["x0"] >= 400 for t in skipped)
     used = [t for t in res.tiles if t["status"] == "ok"]
     assert sum(res.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
-    # The region's probabilities are the tissue-weighted mean of the tiles'.
+    # The tissue-weighted mean of the tiles' probabilities is kept for reference ...
     w = np.array([t["tissue_fraction"] for t in used])
     mean = (
         sum(
@@ -119,7 +119,21 @@ def test_region_mode_tiles_stitches_and_summarises(predictor):
         )
         / w.sum()
     )
-    np.testing.assert_allclose([res.probabilities[c] for c in CLASS_NAMES], mean, atol=1e-6)
+    tile_mean = res.region["tile_mean_probabilities"]
+    np.testing.assert_allclose([tile_mean[c] for c in CLASS_NAMES], mean, atol=1e-6)
+    # ... but the call and its probabilities come from the lesions found (lesions.py).
+    from calcinosis.inference.lesions import region_call
+
+    call = region_call(
+        res.lesions,
+        tile_mean,
+        CLASS_NAMES,
+        indeterminate_threshold=predictor.indeterminate_threshold,
+    )
+    assert res.prediction == call["prediction"] and res.probabilities == call["probabilities"]
+    assert res.region["call_basis"] == call["basis"]
+    assert res.region["lesions_found"] == len(res.lesions)
+    assert all(les["area_um2"] >= 100.0 for les in res.lesions)
     summary = res.region
     assert summary["tiles"] == len(res.tiles) and summary["tissue_tiles"] == len(used)
     assert set(summary["deposit_burden"]) == {"calcium", "bone", "urate", "amyloid"}
