@@ -21,6 +21,20 @@ sub-pixel), after which every traced ring is simple. Mapped back, outlines run
 a quarter pixel inside the pixel edges. Validity is still checked and, in the
 rare remaining case, repaired with ``shapely.make_valid``. Areas in the
 ``measurements`` are exact pixel counts, not polygon areas.
+
+Lesions
+-------
+``predict`` writes one annotation per *lesion* (:func:`lesion_features`; see
+``lesions.find_lesions``: a connected deposit of any labels, classified by
+its majority label), so the GeoJSON, ``predictions.json`` and the lesion
+table list the same objects under the same ``id``. Their ``measurements``
+follow QuPath's naming: ``Area px``, ``Area µm^2``, ``Confidence`` (calibrated
+``1 - p(normal)`` of the lesion's tiles), ``Deposit probability`` (the
+decoder's mean), ``Prob <class>`` for every class and ``Fraction <label>`` for
+every deposit label, plus the older ``area_px`` / ``area_um2`` keys. The
+lesion's class, whether it counts towards the call (``passed``) and its id
+are plain properties. :func:`label_map_to_features` (one feature per
+connected area of each label) stays for label maps without lesions.
 """
 
 from __future__ import annotations
@@ -37,6 +51,8 @@ from shapely.geometry import MultiPolygon, Polygon
 
 from calcinosis.model.fileio import atomic_write_bytes
 from calcinosis.model.labels import DEPOSIT_COLORS, DEPOSIT_DISPLAY
+
+from .lesions import deposit_components
 
 #: Deposits (and holes in them) smaller than this many image pixels are dropped
 #: (filled, for holes): noise, not findings.
@@ -115,6 +131,89 @@ def label_map_to_features(
                 {"type": "Feature", "geometry": _geometry_json(geom), "properties": props}
             )
         del comp
+    return features
+
+
+def lesion_features(
+    label_map: np.ndarray,
+    lesions: list[Mapping[str, Any]],
+    components: list[int],
+    mpp: float | None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    properties: Mapping[str, Any] | None = None,
+    *,
+    labels: Mapping[int, str] = DEPOSIT_DISPLAY,
+    colors: Mapping[int, tuple[int, int, int]] = DEPOSIT_COLORS,
+    min_hole_px: int = MIN_AREA_PX,
+) -> list[dict[str, Any]]:
+    """One QuPath annotation per lesion of ``lesions.find_lesions``, in their order.
+
+    ``components`` are the lesions' component indices (``PatchResult.lesion_components``)
+    in ``deposit_components(label_map)``, which is recomputed here (it is
+    deterministic), so no mask is kept between prediction and writing.
+    ``offset``, ``scale`` and ``mpp`` (microns per *output* pixel) are as in
+    :func:`label_map_to_features`; holes under ``min_hole_px`` output pixels
+    are filled.
+    """
+    if len(lesions) != len(components):
+        raise ValueError(f"{len(lesions)} lesions but {len(components)} component indices")
+    if not lesions:
+        return []
+    n, comp, stats, _ = deposit_components(label_map)
+    ox, oy = float(offset[0]), float(offset[1])
+    s = float(scale)
+    px_area = s * s
+    min_px = max(1.0, float(min_hole_px) / px_area)
+    features: list[dict[str, Any]] = []
+    for les, ci in zip(lesions, components, strict=True):
+        if not 0 < ci < n:
+            raise ValueError(f"lesion {les.get('id')}: component {ci} is not in the label map")
+        x, y, w, h, count = (int(v) for v in stats[ci])
+        sub = (comp[y : y + h, x : x + w] == ci).astype(np.uint8)
+        polys = _trace(sub, min_px, (x * s + ox, y * s + oy), s)
+        del sub
+        if not polys:
+            continue
+        geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+        if not geom.is_valid:
+            geom = _polygonal(shapely.make_valid(geom))
+            if geom is None:
+                continue
+        lab = int(les.get("label_value", 0))
+        display = labels.get(lab, str(les.get("label", lab)))
+        area_px = count * px_area
+        meas: dict[str, float] = {"Area px": float(area_px)}
+        if mpp is not None and mpp > 0:
+            meas["Area µm^2"] = float(area_px * mpp * mpp)
+        if les.get("confidence") is not None:
+            meas["Confidence"] = float(les["confidence"])
+        if les.get("deposit_probability") is not None:
+            meas["Deposit probability"] = float(les["deposit_probability"])
+        for c, p in (les.get("probabilities") or {}).items():
+            meas[f"Prob {c}"] = float(p)
+        for name, f in (les.get("label_fractions") or {}).items():
+            meas[f"Fraction {name}"] = float(f)
+        meas["area_px"] = meas["Area px"]
+        if "Area µm^2" in meas:
+            meas["area_um2"] = meas["Area µm^2"]
+        props: dict[str, Any] = {
+            "objectType": "annotation",
+            "name": f"{display} {les.get('id')}",
+            "classification": {
+                "name": display,
+                "color": [int(c) for c in colors.get(lab, (128, 128, 128))],
+            },
+            "measurements": meas,
+            "label": lab,
+            "lesion_id": les.get("id"),
+            "lesion_class": les.get("prediction"),
+            "passed": bool(les.get("passed")),
+        }
+        if properties:
+            props.update(properties)
+        features.append({"type": "Feature", "geometry": _geometry_json(geom), "properties": props})
+    del comp
     return features
 
 

@@ -3,10 +3,18 @@
 Outputs under ``--out``::
 
     predictions.csv        one row per input (columns below), input order
-    predictions.json       the same plus stain/region details and run settings
+    predictions.json       the same plus stain/region details, the lesions and run settings
     overlays/<name>.png    the image with deposits outlined and a legend
-    geojson/<name>.geojson deposit outlines for QuPath (File > Import objects)
+    geojson/<name>.geojson one QuPath annotation per lesion (File > Import objects)
     tiles/<name>.csv       for tiled regions: one row per tile
+    lesions/<name>.csv     for tiled regions: one row per lesion (``lesions.lesion_columns``)
+
+A tiled region is called by its lesions (see :mod:`calcinosis.inference.lesions`):
+``prediction`` is the class of its strongest lesions, ``also_present`` the
+other classes with lesions that pass (``;``-separated), ``n_lesions`` the
+number of lesions found; the mean of the tile probabilities is
+``region.tile_mean_probabilities`` in predictions.json. A patch is called
+by the class head; its lesions are listed in predictions.json and the GeoJSON.
 
 Whole-slide files (``slide.is_slide_file``) are predicted one at a time
 straight from the file, a band of tiles at a time (``--level``, ``--region``;
@@ -46,6 +54,7 @@ import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, DataError
 from calcinosis.model.fileio import atomic_write, atomic_write_text
+from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS
 
 from .overlay import PNG_COMPRESSION
 from .predictor import BACKENDS, PatchResult, Predictor
@@ -256,6 +265,9 @@ def csv_columns(class_names: Sequence[str], deposit_labels: Sequence[str]) -> li
         "overlay",
         "geojson",
         "tiles",
+        "lesions",
+        "n_lesions",
+        "also_present",
     ]
     return cols
 
@@ -279,7 +291,9 @@ def result_row(
         "height": res.height or "",
         "mpp": _fmt(res.mpp),
         "focus": _fmt(res.focus),
-        **{k: files.get(k, "") for k in ("overlay", "geojson", "tiles")},
+        **{k: files.get(k, "") for k in ("overlay", "geojson", "tiles", "lesions")},
+        "n_lesions": _n_lesions(res),
+        "also_present": ";".join((res.region or {}).get("also_present") or []),
     }
     for c in class_names:
         row[f"p_{c}"] = _fmt(res.probabilities.get(c))
@@ -289,6 +303,13 @@ def result_row(
         row[f"area_px_{lab}"] = "" if px is None else int(px)
         row[f"area_um2_{lab}"] = _fmt(um, 2)
     return row
+
+
+def _n_lesions(res: PatchResult) -> int | str:
+    """Lesions found (at least the minimum area); ``region.lesions_passed`` counts those that count."""
+    if res.lesions is None or res.status == "error":
+        return ""
+    return len(res.lesions)
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -358,13 +379,15 @@ def run_predict(args: argparse.Namespace) -> int:
         tile_overlap=getattr(args, "tile_overlap", None),
         focus_threshold=_focus_arg(getattr(args, "focus_threshold", None)),
         tta=getattr(args, "tta", None),
+        lesion_threshold=getattr(args, "lesion_threshold", None),
+        min_lesion_area_um2=getattr(args, "min_lesion_area_um2", None),
     )
     t_ready = time.perf_counter()
     cpu_ready = _cpu_seconds()
     overlays = not getattr(args, "no_overlays", False)
     geojson = not getattr(args, "no_geojson", False)
     workers = getattr(args, "workers", None) or (os.cpu_count() or 1)
-    for sub in ("overlays",) * overlays + ("geojson",) * geojson + ("tiles",):
+    for sub in ("overlays",) * overlays + ("geojson",) * geojson + ("tiles", "lesions"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -397,7 +420,16 @@ def run_predict(args: argparse.Namespace) -> int:
             if files:
                 writes.append(
                     pool.submit(
-                        _write_outputs, out, names[i], res, image, files, png_level, max_side
+                        _write_outputs,
+                        out,
+                        names[i],
+                        res,
+                        image,
+                        files,
+                        png_level,
+                        max_side,
+                        predictor.class_names,
+                        predictor.deposit_labels,
                     )
                 )
             else:
@@ -450,6 +482,8 @@ def run_predict(args: argparse.Namespace) -> int:
         "indeterminate_threshold": predictor.indeterminate_threshold,
         "min_tissue_fraction": predictor.min_tissue_fraction,
         "focus_threshold": predictor.focus_threshold,
+        "lesion_threshold": predictor.lesion_threshold,
+        "min_lesion_area_um2": predictor.min_lesion_area_um2,
         "tile_overlap": predictor.tile_overlap,
         "seconds": round(elapsed, 2),
         "seconds_after_load": round(time.perf_counter() - t_ready, 2),
@@ -478,6 +512,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"geojson:  {out / 'geojson'} (QuPath: File > Import objects)")
     if any(r and r["tiles"] for r in rows):
         print(f"tiles:    {out / 'tiles'}")
+        print(f"lesions:  {out / 'lesions'}")
     failed = statuses.get("error", 0)
     if failed:
         print(
@@ -666,6 +701,8 @@ def _planned_files(
         files["geojson"] = f"geojson/{name}.geojson"
     if res.tiles is not None:
         files["tiles"] = f"tiles/{name}.csv"
+        if res.lesions is not None:
+            files["lesions"] = f"lesions/{name}.csv"
     return files
 
 
@@ -677,18 +714,23 @@ def _write_outputs(
     files: dict[str, str],
     png_level: int = PNG_COMPRESSION,
     max_side: int | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+    deposit_labels: Sequence[str] = DEPOSIT_LABELS,
 ) -> None:
-    """Overlay PNG, GeoJSON and tile table of one result (runs in the thread pool).
+    """Overlay PNG, GeoJSON, tile and lesion tables of one result (runs in the thread pool).
 
     ``png_level`` is the overlay PNG's zlib level (``overlay.PNG_COMPRESSION``).
     ``rgb`` may be smaller than the label map (a slide region's shrunk copy):
     the map is then shrunk to it, nearest-neighbour, for the overlay, whose
     longest side ``max_side`` caps (default ``overlay.MAX_SIDE``). A slide's
-    GeoJSON is written in the slide's level-0 coordinates (``res.slide``).
+    GeoJSON is written in the slide's level-0 coordinates (``res.slide``), one
+    annotation per lesion (``geojson.lesion_features``) when the result has lesions.
+    ``class_names`` and ``deposit_labels`` name the lesion table's columns.
     """
     import cv2
 
-    from .geojson import feature_collection, label_map_to_features, write_geojson
+    from .geojson import feature_collection, label_map_to_features, lesion_features, write_geojson
+    from .lesions import lesion_columns, lesion_row
     from .overlay import MAX_SIDE, render_overlay, write_overlay
 
     try:
@@ -700,6 +742,9 @@ def _write_outputs(
                 title += f"  level {slide['level']}, region {','.join(map(str, slide['region']))}"
             if res.mode == "region" and res.region:
                 title += f"  ({res.region['tissue_tiles']} tissue tiles)"
+                also = res.region.get("also_present") or []
+                if also:
+                    title += f"  also present: {', '.join(also)}"
             ov_lm = lm
             if lm is not None and lm.shape != rgb.shape[:2]:
                 ov_lm = cv2.resize(
@@ -725,13 +770,21 @@ def _write_outputs(
                 scale = float(slide["level_downsample"])
                 offset = (float(slide["origin"][0]), float(slide["origin"][1]))
                 mpp = res.mpp / scale if res.mpp else None
-            feats = label_map_to_features(
-                lm,
-                mpp,
-                offset=offset,
-                scale=scale,
-                properties={"source": Path(res.path or name).name},
-            )
+            source = {"source": Path(res.path or name).name}
+            if res.lesions is not None and res.lesion_components is not None:
+                feats = lesion_features(
+                    lm,
+                    res.lesions,
+                    res.lesion_components,
+                    mpp,
+                    offset=offset,
+                    scale=scale,
+                    properties=source,
+                )
+            else:
+                feats = label_map_to_features(
+                    lm, mpp, offset=offset, scale=scale, properties=source
+                )
             props = {
                 "image": res.path,
                 "prediction": res.prediction,
@@ -740,6 +793,9 @@ def _write_outputs(
                 "stain": res.stain,
                 "mpp": mpp,
             }
+            if res.region:
+                props["also_present"] = res.region.get("also_present") or []
+                props["tile_mean_probabilities"] = res.region.get("tile_mean_probabilities")
             if slide:
                 props["slide"] = {
                     k: slide[k] for k in ("reader", "level", "level_downsample", "region", "origin")
@@ -751,6 +807,10 @@ def _write_outputs(
                 keys.extend(k for k in t if k not in keys)
             rows = [{k: _cell(t.get(k)) for k in keys} for t in res.tiles]
             _write_csv(out / files["tiles"], keys, rows)
+        if "lesions" in files and res.lesions is not None:
+            cols = lesion_columns(class_names, deposit_labels)
+            rows = [{k: _cell(v) for k, v in lesion_row(les).items()} for les in res.lesions]
+            _write_csv(out / files["lesions"], cols, rows)
     finally:
         res.label_map = None  # free the map as soon as its files are written
 

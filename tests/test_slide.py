@@ -274,6 +274,13 @@ def test_predict_slide_region_matches_png_and_geojson_lands_in_place(
         np.testing.assert_allclose(ca, cb + [x, y])
         assert (ca[:, 0] >= x).all() and (ca[:, 0] <= x + w).all()
         assert (ca[:, 1] >= y).all() and (ca[:, 1] <= y + h).all()
+    # Lesions: the same ones, their centroids and boxes in the same level-0 frame.
+    assert len(rec["lesions"]) == len(png_rec["lesions"]) == len(fs)
+    for a, b in zip(rec["lesions"], png_rec["lesions"], strict=True):
+        assert a["centroid"] == pytest.approx([b["centroid"][0] + x, b["centroid"][1] + y])
+        assert a["bbox"] == pytest.approx([b["bbox"][0] + x, b["bbox"][1] + y, *b["bbox"][2:]])
+        assert a["area_um2"] == pytest.approx(b["area_um2"])
+        assert a["probabilities"] == pytest.approx(b["probabilities"])
     gj = json.loads((out / rec["outputs"]["geojson"]).read_text(encoding="utf-8"))
     assert gj["properties"]["slide"]["region"] == [x, y, w, h]
     assert (out / rec["outputs"]["overlay"]).stat().st_size > 0
