@@ -144,14 +144,15 @@ def test_urate_and_amyloid_are_negative_in_special_stains(stain: str) -> None:
             assert float((dep[:, 0] - dep[:, 1:].mean(axis=1)).mean()) < 25
 
 
-def test_shift_changes_the_image_not_the_labels() -> None:
+@pytest.mark.parametrize("stain", STAIN_NAMES)
+def test_shift_changes_the_image_not_the_labels(stain: str) -> None:
     for label in CLASS_NAMES:
         for seed in range(2):
-            a_rgb, a_lab = render_patch_b(label, "he", seed, shift=0.0, **DEMO)
-            b_rgb, b_lab = render_patch_b(label, "he", seed, shift=1.0, **DEMO)
+            a_rgb, a_lab = render_patch_b(label, stain, seed, shift=0.0, **DEMO)
+            b_rgb, b_lab = render_patch_b(label, stain, seed, shift=1.0, **DEMO)
             assert np.array_equal(a_lab, b_lab)
             diff = np.abs(a_rgb.astype(np.int16) - b_rgb.astype(np.int16)).mean()
-            assert diff > 3, (label, seed, diff)
+            assert diff > 3, (label, stain, seed, diff)
 
 
 @pytest.mark.parametrize(
