@@ -477,3 +477,22 @@ def test_domain_randomisation_varies_the_drawing_not_the_labels():
     # normal patches differ in collagen density a lot from seed to seed
     means = [render_patch("normal", "he", s, 64, mpp=2.0)[0].mean() for s in range(16)]
     assert np.ptp(means) > 25
+
+
+def test_mix_dataset_alternates_styles_and_records_them(tmp_path):
+    from calcinosis.training.imageio import read_rgb
+    from calcinosis.training.synthetic import patch_seed
+    from calcinosis.training.synthetic_b import render_patch_b
+
+    manifest = generate_dataset(tmp_path, 2, size=32, seed=4, workers=1, mpp=2.0, style="mix")
+    rows = list(csv.DictReader(manifest.open()))
+    assert {r["style"] for r in rows} == {"a", "b"}
+    by_style = Counter(r["style"] for r in rows)
+    assert by_style["a"] == by_style["b"]
+    row = next(r for r in rows if r["style"] == "b")
+    i = int(Path(row["path"]).stem.split("_")[-1])
+    expected, _ = render_patch_b(row["label"], row["stain"], patch_seed(4, i), 32, mpp=2.0)
+    assert np.array_equal(read_rgb(tmp_path / row["path"]), expected)
+    assert json.loads((tmp_path / "synthetic.json").read_text())["style"] == "mix"
+    with pytest.raises(ConfigError, match="unknown style"):
+        generate_dataset(tmp_path / "x", 1, size=32, style="c")
