@@ -61,6 +61,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, metadata: dict[str, Any]) 
     meta.setdefault("deposit_labels", list(net.config.deposit_labels))
     meta.setdefault("mean", list(net.data_config["mean"]))
     meta.setdefault("std", list(net.data_config["std"]))
+    meta.setdefault("init_weights", getattr(net, "init_weights_source", None))
     try:
         header = {METADATA_KEY: json.dumps(meta), "format": "pt"}
     except TypeError as exc:

@@ -3,7 +3,8 @@
 ``create_model`` is the only caller of ``timm.create_model`` in the project:
 training, inference and checkpoint loading all come through here, so a
 checkpoint's stored ``ModelConfig`` rebuilds exactly the trained network.
-Weights are never downloaded; ``init_weights`` names a local file.
+Weights are never downloaded; ``init_weights`` names packaged weights
+(``imagenet``, found inside an installed package) or a local file.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def create_model(cfg: ModelConfig) -> CalcinosisNet:
-    """Build a CalcinosisNet for ``cfg``, then load ``cfg.init_weights`` if set."""
+    """Build a CalcinosisNet for ``cfg``, then load ``cfg.init_weights`` if set.
+
+    ``cfg.init_weights`` is a name such as ``"imagenet"`` (weights shipped by an
+    installed package; they also set ``data_config`` mean/std) or a local file;
+    see :mod:`calcinosis.model.weights`. The source is kept as
+    ``model.init_weights_source`` for the checkpoint metadata.
+    """
     encoder = _create_encoder(cfg.backbone, cfg.in_chans)
     model = CalcinosisNet(cfg, encoder)
     if cfg.init_weights:

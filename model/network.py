@@ -137,6 +137,9 @@ class CalcinosisNet(nn.Module):
         self.stain_head = PooledHead(channels[-1], len(config.stain_names), config.drop_rate)
 
         self.data_config: dict[str, Any] = resolve_data_config(encoder, config.in_chans)
+        # Where the starting weights came from (set by load_init_weights; None =
+        # from scratch); saved in checkpoint metadata as "init_weights".
+        self.init_weights_source: dict[str, Any] | None = None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw logits for the three tasks; deposits at the input resolution."""

