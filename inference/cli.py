@@ -228,6 +228,23 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         "(default: the checkpoint's)",
     )
     p.add_argument(
+        "--lesion-threshold",
+        type=float,
+        default=None,
+        help="a deposit found in a tiled region counts towards the region's call when its "
+        "calibrated confidence (1 - p(normal) of its tiles) reaches this (default: the "
+        "checkpoint's, else 0.5)",
+    )
+    p.add_argument(
+        "--min-lesion-area",
+        dest="min_lesion_area_um2",
+        type=float,
+        default=None,
+        metavar="UM2",
+        help="ignore deposits smaller than this many square microns (default: the "
+        "checkpoint's, else 100)",
+    )
+    p.add_argument(
         "--batch-size", type=int, default=32, help="patches per forward pass (default 32)"
     )
     _add_tta_argument(p)

@@ -281,6 +281,14 @@ class Predictor:
             )
         #: Deposits smaller than this (µm²) are specks, not lesions.
         self.min_lesion_area_um2 = float(min_lesion_area_um2)
+        if not 0.0 <= self.lesion_threshold <= 1.0:
+            raise CalcinosisError(
+                f"lesion threshold must be a probability in [0, 1]; got {self.lesion_threshold}"
+            )
+        if not self.min_lesion_area_um2 >= 0.0:
+            raise CalcinosisError(
+                f"minimum lesion area must be >= 0 square microns; got {self.min_lesion_area_um2}"
+            )
         self.focus_threshold = focus_threshold
         self.batch_size = max(1, int(batch_size))
         self.tile_overlap = self.input_size // 4 if tile_overlap is None else int(tile_overlap)

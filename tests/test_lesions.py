@@ -399,3 +399,17 @@ def test_geojson_lesion_features_in_a_slide_frame():
     assert feats[1]["properties"]["classification"]["name"] == "Bone (osteoma)"
     with pytest.raises(ValueError):
         lesion_features(lm, found.lesions, found.components[:1], 0.25)
+
+
+def test_lesion_options_from_the_command_line_are_checked(tmp_path, robust_checkpoint):
+    from calcinosis.inference.cli import main
+
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.full((64, 64, 3), 200, np.uint8))
+    base = ["predict", str(img), "--checkpoint", str(robust_checkpoint), "--out"]
+    assert main([*base, str(tmp_path / "a"), "--lesion-threshold", "1.5", "--quiet"]) == 2
+    assert main([*base, str(tmp_path / "b"), "--min-lesion-area", "-1", "--quiet"]) == 2
+    code = main([*base, str(tmp_path / "c"), "--lesion-threshold", "0.7", "--quiet"])
+    assert code in (0, 3)
+    meta = json.loads((tmp_path / "c" / "predictions.json").read_text())
+    assert meta["lesion_threshold"] == 0.7
