@@ -130,9 +130,7 @@ def test_von_kossa_blackens_calcium_and_bone(label: str, shift: float) -> None:
 @pytest.mark.parametrize("label", ["calcinosis_cutis", "osteoma_cutis"])
 def test_alizarin_red_reddens_calcium_and_bone(label: str, shift: float) -> None:
     stats = _deposit_vs_tissue(label, "alizarin_red", shift, _redness)
-    # Domain randomisation includes weakly stained runs (dye amount and hue per
-    # patch): every deposit is redder than its tissue, most of them clearly.
-    assert np.all(stats[:, 0] > stats[:, 1] * 1.15), stats
+    assert np.all(stats[:, 0] > stats[:, 1] * 1.3), stats
     assert np.median(stats[:, 0] / stats[:, 1]) > 1.5, stats
 
 

@@ -1267,7 +1267,7 @@ def _style_settings(rng: np.random.Generator) -> dict[str, float]:
         "nuc_texture": float(rng.uniform(0.05, 0.45)),
         "edge_blur": float(rng.uniform(0.3, 1.3)) if rng.random() < 0.4 else 0.0,
         "dye_amount_sd": float(rng.uniform(0.08, 0.3)),
-        "dye_hue_deg": float(rng.uniform(2.0, 12.0)),
+        "dye_hue_deg": float(rng.uniform(2.0, 7.0)),
     }
 
 
