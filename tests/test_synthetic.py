@@ -130,7 +130,9 @@ def test_von_kossa_blackens_calcium_and_bone(label: str, shift: float) -> None:
 @pytest.mark.parametrize("label", ["calcinosis_cutis", "osteoma_cutis"])
 def test_alizarin_red_reddens_calcium_and_bone(label: str, shift: float) -> None:
     stats = _deposit_vs_tissue(label, "alizarin_red", shift, _redness)
-    assert np.all(stats[:, 0] > stats[:, 1] * 1.3), stats
+    # Dye strength is drawn per patch (domain randomisation) and a shifted lab
+    # stains weaker still: every deposit is redder than its tissue, most clearly.
+    assert np.all(stats[:, 0] > stats[:, 1] * 1.15), stats
     assert np.median(stats[:, 0] / stats[:, 1]) > 1.5, stats
 
 
