@@ -552,11 +552,8 @@ def _collagen(sc: _Scene, lay: _Layout, region: np.ndarray) -> None:
     period = sc.px(rng.uniform(8, 20) * sc.style["coll_period"])
     s = np.sin(2 * np.pi * u / period + 0.6 * sc.noise(15))
     along = sc.noise(12)
-    lo = sc.style["coll_cleft"]  # lower: wider retraction clefts between the bundles
-    cleft = _smoothstep(s, lo, min(lo + 0.23, 0.95)) * _smoothstep(
-        along, -0.6 - 2.0 * (0.72 - lo), 0.4
-    )
-    fibril = sc.style["coll_fibril"] * _streaks(sc, ang, 6.0, dx, dy)
+    cleft = _smoothstep(s, 0.72, 0.95) * _smoothstep(along, -0.6, 0.4)
+    fibril = 0.13 * _streaks(sc, ang, 6.0, dx, dy)
     dense = rng.uniform(0.6, 1.0)
     if lay.collagen is not None:  # a region tile: density varies smoothly over the region
         dense = lay.collagen
@@ -570,7 +567,7 @@ def _collagen(sc: _Scene, lay: _Layout, region: np.ndarray) -> None:
     sc.c[STROMA] += region * np.clip(coll, 0, 1.4)
     # fibroblast nuclei, elongated along the bundles
     area_um2 = region.mean() * (sc.n / sc.ppu) ** 2
-    k = rng.poisson(area_um2 / rng.uniform(500, 1200) * sc.style["fibroblasts"])
+    k = rng.poisson(area_um2 / rng.uniform(500, 1200))
     for x, y in sc.sample_in(region, k) if k else []:
         sc.ellipse(
             NUC,
@@ -1225,9 +1222,6 @@ NEUTRAL_STYLE: dict[str, float] = {
     "coll_density": 1.0,
     "coll_period": 1.0,
     "coll_warp": 1.0,
-    "coll_cleft": 0.72,
-    "coll_fibril": 0.13,
-    "fibroblasts": 1.0,
     "nuc_size": 1.0,
     "nuc_aspect": 1.0,
     "nuc_blur": 0.6,
@@ -1245,22 +1239,15 @@ def _style_settings(rng: np.random.Generator) -> dict[str, float]:
     (its fibre width, its nuclear outline, its exact dye colours) as readily
     as the morphology. Every patch therefore draws its own collagen density
     (loose papillary to sclerotic: dense collagen is as pink as bone in every
-    class), bundle width, waviness and texture (fibrillar to homogenised), the
-    width of the retraction clefts between bundles, nuclear size, shape and sharpness,
+    class), bundle width and waviness, nuclear size, shape and sharpness,
     edge softness of everything painted, and how far its dyes stray from the
     reference colours, so that only the structure that defines a class is
     common to all its patches.
     """
     return {
         "coll_density": float(np.exp(rng.uniform(np.log(0.5), np.log(1.6)))),
-        "coll_period": float(np.exp(rng.uniform(np.log(0.5), np.log(3.5)))),
+        "coll_period": float(rng.uniform(0.5, 1.8)),
         "coll_warp": float(rng.uniform(0.3, 1.8)),
-        # retraction clefts from hairline to wide, and bundles from fibrillar to
-        # homogenised (sclerotic dermis: pale, glassy bundles parted by clefts)
-        "coll_cleft": float(rng.uniform(0.35, 0.8)),
-        "coll_fibril": float(rng.uniform(0.03, 0.2)),
-        # sparse (sclerotic) to cellular dermis
-        "fibroblasts": float(np.exp(rng.uniform(np.log(0.3), np.log(1.5)))),
         "nuc_size": float(rng.uniform(0.8, 1.25)),
         "nuc_aspect": float(rng.uniform(0.8, 1.3)),
         "nuc_blur": float(rng.uniform(0.3, 1.2)),
