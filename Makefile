@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= runs/demo
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo cross-style lint clean
 
 venv: $(STAMP)
 
@@ -26,24 +26,45 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The whole story on synthetic data: generate, train, calibrate, evaluate (in-lab
-# and on another lab's staining), then predict held-out patches and a large region.
+# The whole story on synthetic data: generate (both rendering styles), fine-tune,
+# calibrate, evaluate in-lab, in each style and on another lab's staining, predict
+# held-out patches and a large region, then one robustness table (with the real
+# H&E patches of $(REAL_DEV) where that folder exists, and the cross-style runs of
+# `make cross-style` where they have been made).
+SYNTH := $(BIN)/calcinosis synth --size 64 --mpp 2.0
+CKPT   = $(DEMO)/train/best.safetensors
+REAL_DEV ?= ../shared/real-dev/manifest.csv
+CROSS ?= runs/cross
+
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/calcinosis synth --out $(DEMO)/data --n-per-class-stain 300 --size 64 --mpp 2.0 \
-		--seed 0 --sheet $(DEMO)/contact_sheet.png
+	$(SYNTH) --out $(DEMO)/data --style mix --n-per-class-stain 300 --seed 0 \
+		--sheet $(DEMO)/contact_sheet.png
 	$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(DEMO)/train \
 		data.manifest=$(DEMO)/data/manifest.csv
-	$(BIN)/calcinosis evaluate --checkpoint $(DEMO)/train/best.safetensors \
+	$(BIN)/calcinosis evaluate --checkpoint $(CKPT) \
 		--data $(DEMO)/data/manifest.csv --split test --out $(DEMO)/report
-	$(BIN)/calcinosis synth --out $(DEMO)/shifted --n-per-class-stain 20 --size 64 --mpp 2.0 \
-		--seed 1 --shift 1.0
-	$(BIN)/calcinosis evaluate --checkpoint $(DEMO)/train/best.safetensors \
+	$(SYNTH) --out $(DEMO)/shifted --n-per-class-stain 20 --seed 1 --shift 1.0
+	$(BIN)/calcinosis evaluate --checkpoint $(CKPT) --baseline-train $(DEMO)/data/manifest.csv \
 		--data $(DEMO)/shifted/manifest.csv --split all --out $(DEMO)/report_shifted \
 		--reference $(DEMO)/report/metrics.json
+	$(SYNTH) --out $(DEMO)/style_a --style a --n-per-class-stain 20 --seed 2
+	$(BIN)/calcinosis evaluate --checkpoint $(CKPT) --baseline-train $(DEMO)/data/manifest.csv \
+		--data $(DEMO)/style_a/manifest.csv --split all --out $(DEMO)/report_style_a
+	$(SYNTH) --out $(DEMO)/style_b --style b --n-per-class-stain 20 --seed 3
+	$(BIN)/calcinosis evaluate --checkpoint $(CKPT) --baseline-train $(DEMO)/data/manifest.csv \
+		--data $(DEMO)/style_b/manifest.csv --split all --out $(DEMO)/report_style_b
 	$(BIN)/calcinosis synth --region 2048x1536 --mpp 2.0 --seed 3 --out $(DEMO)/region/region.png
 	$(BIN)/calcinosis predict $(DEMO)/data/manifest.csv $(DEMO)/region/region.png --split test \
-		--checkpoint $(DEMO)/train/best.safetensors --out $(DEMO)/predictions --quiet || test $$? -eq 3
+		--checkpoint $(CKPT) --out $(DEMO)/predictions --quiet || test $$? -eq 3
+	$(BIN)/calcinosis robustness --out $(DEMO)/robustness --title "Robustness of the demo model" \
+		--report "in-distribution test (styles A+B)=$(DEMO)/report" \
+		--report "style A, new seed=$(DEMO)/report_style_a" \
+		--report "style B, new seed=$(DEMO)/report_style_b" \
+		--report "other lab (style A, shift 1.0)=$(DEMO)/report_shifted" \
+		--report "cross-style A->B (make cross-style)=$(CROSS)/a_on_b" \
+		--report "cross-style B->A (make cross-style)=$(CROSS)/b_on_a" \
+		--real-dev $(REAL_DEV) --checkpoint $(CKPT) --train-manifest $(DEMO)/data/manifest.csv
 	@echo
 	@echo "demo finished; everything is under $(DEMO)/:"
 	@echo "  contact sheet        $(DEMO)/contact_sheet.png"
@@ -51,6 +72,29 @@ demo: $(STAMP)
 	@echo "  report (test split)  $(DEMO)/report/report.md"
 	@echo "  report (other lab)   $(DEMO)/report_shifted/report.md"
 	@echo "  predictions          $(DEMO)/predictions/predictions.csv, overlays/, geojson/, tiles/"
+	@echo "  robustness table     $(DEMO)/robustness/robustness.md"
+
+# Cross-style transfer: the demo recipe trained on one rendering style only and
+# tested on the other (and on its own), the colour baseline fitted on the same
+# single-style training data. Two trainings: about twice the demo's time.
+cross-style: $(STAMP)
+	rm -rf $(CROSS)
+	$(SYNTH) --out $(CROSS)/data_a --style a --n-per-class-stain 300 --seed 10
+	$(SYNTH) --out $(CROSS)/data_b --style b --n-per-class-stain 300 --seed 11
+	for s in a b; do \
+		$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(CROSS)/train_$$s \
+			data.manifest=$(CROSS)/data_$$s/manifest.csv || exit 1; \
+	done
+	for m in a b; do for d in a b; do \
+		$(BIN)/calcinosis evaluate --checkpoint $(CROSS)/train_$$m/best.safetensors \
+			--baseline-train $(CROSS)/data_$$m/manifest.csv --data $(CROSS)/data_$$d/manifest.csv \
+			--split test --out $(CROSS)/$${m}_on_$$d || exit 1; \
+	done; done
+	$(BIN)/calcinosis robustness --out $(CROSS)/robustness --title "Cross-style transfer" \
+		--report "trained on A, tested on A=$(CROSS)/a_on_a" \
+		--report "trained on A, tested on B=$(CROSS)/a_on_b" \
+		--report "trained on B, tested on B=$(CROSS)/b_on_b" \
+		--report "trained on B, tested on A=$(CROSS)/b_on_a"
 
 clean:
 	rm -rf $(DEMO)
