@@ -77,6 +77,14 @@ def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
         help="move staining/scanner variation outside the training range "
         "(0 = training lab, 1 = a clearly different lab)",
     )
+    p.add_argument(
+        "--supersample",
+        type=int,
+        default=1,
+        metavar="N",
+        help="draw each patch 1..N times finer (random per patch) and area-average it down, "
+        "as a scanner's pyramid level or resampling to the model's mpp does (default 1: off)",
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
     p.add_argument("--sheet", default=None, help="also write a contact sheet PNG to this path")
     p.add_argument(

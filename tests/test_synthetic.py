@@ -499,3 +499,27 @@ def test_mix_dataset_alternates_styles_and_records_them(tmp_path):
     assert json.loads((tmp_path / "synthetic.json").read_text())["style"] == "mix"
     with pytest.raises(ConfigError, match="unknown style"):
         generate_dataset(tmp_path / "x", 1, size=32, style="c")
+
+
+def test_supersampled_patches_are_area_averaged_and_keep_labels(tmp_path):
+    from calcinosis.training.synthetic import (
+        render_supersampled,
+        supersample_factor,
+    )
+
+    rgb1, lab1 = render_supersampled(render_patch, "osteoma_cutis", "he", 3, 48, 0.0, 2.0, 1)
+    assert np.array_equal(rgb1, render_patch("osteoma_cutis", "he", 3, 48, mpp=2.0)[0])
+    rgb2, lab2 = render_supersampled(render_patch, "osteoma_cutis", "he", 3, 48, 0.0, 2.0, 2)
+    fine, fine_lab = render_patch("osteoma_cutis", "he", 3, 96, mpp=1.0)
+    assert rgb2.shape == (48, 48, 3) and lab2.shape == (48, 48)
+    assert np.array_equal(rgb2, cv2.resize(fine, (48, 48), interpolation=cv2.INTER_AREA))
+    assert set(np.unique(lab2)) <= set(np.unique(fine_lab))
+    # the bone share survives the reduction
+    assert abs((lab2 == 2).mean() - (fine_lab == 2).mean()) < 0.05
+    factors = Counter(supersample_factor(0, i, 2) for i in range(400))
+    assert set(factors) == {1, 2} and min(factors.values()) > 150
+    assert supersample_factor(0, 5, 1) == 1
+    m = generate_dataset(tmp_path, 1, size=32, workers=1, mpp=2.0, supersample=2)
+    assert json.loads((m.parent / "synthetic.json").read_text())["supersample"] == 2
+    with pytest.raises(ConfigError, match="supersample"):
+        generate_dataset(tmp_path / "x", 1, size=32, supersample=9)

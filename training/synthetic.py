@@ -77,6 +77,8 @@ __all__ = [
     "NOMINAL_MPP",
     "GENERATOR_VERSION",
     "render_patch",
+    "render_supersampled",
+    "supersample_factor",
     "patch_seed",
     "generate_dataset",
     "assign_synthetic_splits",
@@ -1516,14 +1518,51 @@ def _check_style(style: str) -> str:
     return style
 
 
+def supersample_factor(seed: int, index: int, supersample: int) -> int:
+    """How many times finer than its mpp patch ``index`` is drawn (1..``supersample``)."""
+    if supersample <= 1:
+        return 1
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0x55])
+    return int(rng.integers(1, supersample + 1))
+
+
+def render_supersampled(
+    render, label: str, stain: str, seed: int, size: int, shift: float, mpp: float, factor: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``render`` at ``factor`` times the resolution, then area-averaged down to ``size``.
+
+    A scanner images the section at a fine resolution and a pyramid level (or
+    ``calcinosis predict`` resampling to the model's mpp) averages it down:
+    sensor noise, compression and edges then come out smoother than when drawn
+    at the coarse resolution directly. Training on both kinds of patch keeps
+    the model from reading that difference. Labels take, per output pixel, the
+    value covering most of it.
+    """
+    if factor <= 1:
+        return render(label, stain, seed, size, shift, mpp=mpp)
+    rgb, labels = render(label, stain, seed, size * factor, shift, mpp=mpp / factor)
+    small = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    present = np.unique(labels)
+    cover = np.stack(
+        [
+            cv2.resize((labels == v).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+            for v in present
+        ]
+    )
+    return small, present[cover.argmax(axis=0)].astype(np.uint8)
+
+
 def _render_chunk(
-    job: tuple[str, list[tuple[str, str, int]], int, int, float, float, str],
+    job: tuple[str, list[tuple[str, str, int]], int, int, float, float, str, int],
 ) -> int:
-    out, tasks, seed, size, shift, mpp, style = job
+    out, tasks, seed, size, shift, mpp, style, supersample = job
     root = Path(out)
     for label, stain, i in tasks:
         render = _renderer(patch_style(style, i))
-        rgb, labels = render(label, stain, patch_seed(seed, i), size, shift, mpp=mpp)
+        factor = supersample_factor(seed, i, supersample)
+        rgb, labels = render_supersampled(
+            render, label, stain, patch_seed(seed, i), size, shift, mpp, factor
+        )
         img_rel, mask_rel = _rel_paths(label, stain, i)
         _write_png(root / img_rel, rgb)
         _write_png(root / mask_rel, labels)
@@ -1592,8 +1631,13 @@ def generate_dataset(
     *,
     mpp: float = NOMINAL_MPP,
     style: str = "a",
+    supersample: int = 1,
 ) -> Path:
     """Write images/, masks/ and manifest.csv for 5 classes x 3 stains x n patches.
+
+    With ``supersample`` N > 1 each patch is drawn at a factor of 1..N times
+    finer than ``mpp`` (random per patch) and area-averaged down
+    (:func:`render_supersampled`), as a scanner's pyramid levels are.
 
     ``style`` is ``a``, ``b`` or ``mix`` (see :data:`STYLES`); the manifest's
     ``style`` column says which drew each patch. The manifest is written last
@@ -1601,6 +1645,8 @@ def generate_dataset(
     manifest path.
     """
     _check_style(style)
+    if not 1 <= supersample <= 4:
+        raise ConfigError(f"supersample must be 1 to 4, got {supersample}")
     if n_per_class_stain < 1:
         raise ConfigError(f"n_per_class_stain must be >= 1, got {n_per_class_stain}")
     if size < 32:
@@ -1620,7 +1666,16 @@ def generate_dataset(
     workers = min(workers, max(1, len(tasks) // 8))
     chunk = max(1, min(32, math.ceil(len(tasks) / (workers * 4))))
     jobs = [
-        (str(root), tasks[j : j + chunk], int(seed), int(size), float(shift), float(mpp), style)
+        (
+            str(root),
+            tasks[j : j + chunk],
+            int(seed),
+            int(size),
+            float(shift),
+            float(mpp),
+            style,
+            int(supersample),
+        )
         for j in range(0, len(tasks), chunk)
     ]
     with _cv2_single_thread():
@@ -1642,6 +1697,7 @@ def generate_dataset(
     settings = {
         "generator_version": GENERATOR_VERSION,
         "style": style,
+        "supersample": supersample,
         "n_per_class_stain": n_per_class_stain,
         "size": size,
         "seed": seed,
@@ -2318,6 +2374,7 @@ def run_synth(args) -> int:
         workers=args.workers,
         mpp=args.mpp,
         style=args.style,
+        supersample=getattr(args, "supersample", 1),
     )
     n = args.n_per_class_stain * len(CLASS_NAMES) * len(STAIN_NAMES)
     print(f"wrote {n} patches ({args.size} px, {args.mpp} um/px) and {manifest}")
