@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -59,6 +59,7 @@ def render_overlay(
     *,
     status: str | None = None,
     stain_prob: float | None = None,
+    also_present: Sequence[str] = (),
     colors: Mapping[int, tuple[int, int, int]] = DEPOSIT_COLORS,
     names: Mapping[int, str] = DEPOSIT_DISPLAY,
     alpha: float = ALPHA,
@@ -121,6 +122,7 @@ def render_overlay(
         class_probs=class_probs,
         stain=stain,
         stain_prob=stain_prob,
+        also_present=also_present,
         present=present,
         colors=colors,
         names=names,
@@ -255,6 +257,11 @@ def _fit(text: str, max_width: int, scale: float, thickness: int) -> str:
     return text
 
 
+def _percent(frac: float) -> str:
+    """A share of the image; a deposit that is there never reads as 0.0%."""
+    return f"{frac:.1%}" if frac >= 0.001 or frac <= 0 else "<0.1%"
+
+
 def _legend(
     *,
     height: int,
@@ -267,6 +274,7 @@ def _legend(
     present: list[tuple[int, float]],
     colors: Mapping[int, tuple[int, int, int]],
     names: Mapping[int, str],
+    also_present: Sequence[str] = (),
 ) -> np.ndarray:
     width = PANEL_WIDTH
     rows: list[tuple] = []  # drawing instructions, laid out top to bottom
@@ -274,6 +282,10 @@ def _legend(
         rows.append(("text", title, 0.45, 1, _GREY, 20))
     if prediction:
         rows.append(("text", prediction.replace("_", " "), 0.75, 2, _BLACK, 30))
+    if also_present:  # a region's other lesion classes, one line each (never cut off)
+        rows.append(("text", "also present:", 0.45, 1, _GREY, 20))
+        for name in also_present:
+            rows.append(("text", f"  {name.replace('_', ' ')}", 0.5, 1, _BLACK, 20))
     if status and status not in ("ok",):
         rows.append(("text", f"status: {status}", 0.5, 1, _BAR_TOP, 22))
     if class_probs:
@@ -322,7 +334,7 @@ def _legend(
             name = names.get(lab, str(lab))
             cv2.putText(
                 panel,
-                _fit(f"{name}  {frac:.1%}", width - 45, 0.45, 1),
+                _fit(f"{name}  {_percent(frac)}", width - 45, 0.45, 1),
                 (36, y - 6),
                 _FONT,
                 0.45,

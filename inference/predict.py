@@ -742,9 +742,6 @@ def _write_outputs(
                 title += f"  level {slide['level']}, region {','.join(map(str, slide['region']))}"
             if res.mode == "region" and res.region:
                 title += f"  ({res.region['tissue_tiles']} tissue tiles)"
-                also = res.region.get("also_present") or []
-                if also:
-                    title += f"  also present: {', '.join(also)}"
             ov_lm = lm
             if lm is not None and lm.shape != rgb.shape[:2]:
                 ov_lm = cv2.resize(
@@ -759,6 +756,7 @@ def _write_outputs(
                 title,
                 status=res.status,
                 stain_prob=res.stain_probability,
+                also_present=(res.region or {}).get("also_present") or (),
                 max_side=max_side or MAX_SIDE,
             )
             del ov_lm

@@ -81,3 +81,25 @@ def test_bad_shapes_are_rejected():
         render_overlay(img, lm[:10])
     with pytest.raises(ValueError):
         render_overlay(img.astype(np.float32), lm)
+
+
+def test_region_overlay_lists_also_present_classes_in_the_panel():
+    from calcinosis.inference.overlay import render_overlay
+
+    rgb = np.full((64, 64, 3), 220, np.uint8)
+    lm = np.zeros((64, 64), np.uint8)
+    probs = {"gout": 0.8, "normal": 0.2}
+    plain = render_overlay(rgb, lm, probs, "gout", "he", "r.png")
+    listed = render_overlay(
+        rgb, lm, probs, "gout", "he", "r.png", also_present=["amyloidosis", "osteoma_cutis"]
+    )
+    # three more text lines in the panel: the picture grows or its panel changes
+    assert listed.shape != plain.shape or not np.array_equal(listed, plain)
+
+
+def test_small_deposit_share_never_reads_zero():
+    from calcinosis.inference.overlay import _percent
+
+    assert _percent(0.0004) == "<0.1%"
+    assert _percent(0.0123) == "1.2%"
+    assert _percent(0.0) == "0.0%"
