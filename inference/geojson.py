@@ -104,16 +104,9 @@ def label_map_to_features(
             if count < min_px:
                 continue
             x, y, w, h = (int(v) for v in stats[idx, :4])
-            sub = (comp[y : y + h, x : x + w] == idx).astype(np.uint8)
-            # Traced straight into image coordinates (component crop at x, y).
-            polys = _trace(sub, min_px, (x * s + ox, y * s + oy), s)
-            if not polys:
+            geom = _component_geometry(comp, idx, (x, y, w, h), min_px, (ox, oy), s)
+            if geom is None:
                 continue
-            geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
-            if not geom.is_valid:
-                geom = _polygonal(shapely.make_valid(geom))
-                if geom is None:
-                    continue
             area_px = count * px_area
             measurements: dict[str, float] = {"area_px": float(area_px)}
             if mpp is not None and mpp > 0:
@@ -170,16 +163,9 @@ def lesion_features(
         if not 0 < ci < n:
             raise ValueError(f"lesion {les.get('id')}: component {ci} is not in the label map")
         x, y, w, h, count = (int(v) for v in stats[ci])
-        sub = (comp[y : y + h, x : x + w] == ci).astype(np.uint8)
-        polys = _trace(sub, min_px, (x * s + ox, y * s + oy), s)
-        del sub
-        if not polys:
+        geom = _component_geometry(comp, ci, (x, y, w, h), min_px, (ox, oy), s)
+        if geom is None:
             continue
-        geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
-        if not geom.is_valid:
-            geom = _polygonal(shapely.make_valid(geom))
-            if geom is None:
-                continue
         lab = int(les.get("label_value", 0))
         display = labels.get(lab, str(les.get("label", lab)))
         area_px = count * px_area
@@ -237,6 +223,30 @@ def write_geojson(path: str | Path, collection: Mapping[str, Any]) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _component_geometry(
+    comp: np.ndarray,
+    idx: int,
+    box: tuple[int, int, int, int],
+    min_px: float,
+    origin: tuple[float, float],
+    scale: float,
+) -> Any:
+    """Outline of component ``idx`` (bounding box ``box`` of ``comp``) in image coordinates.
+
+    Traced straight from the component's crop; an invalid ring is repaired, and
+    None comes back when nothing polygonal is left.
+    """
+    x, y, w, h = box
+    sub = (comp[y : y + h, x : x + w] == idx).astype(np.uint8)
+    polys = _trace(sub, min_px, (x * scale + origin[0], y * scale + origin[1]), scale)
+    if not polys:
+        return None
+    geom = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+    if not geom.is_valid:
+        geom = _polygonal(shapely.make_valid(geom))
+    return geom
 
 
 def _trace(
