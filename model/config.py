@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
 from .labels import CLASS_NAMES, DEPOSIT_LABELS, STAIN_NAMES
 
 
@@ -32,6 +33,16 @@ class NamedInitWeights:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     description: str
+
+    def require_backbone(self, backbone: str) -> None:
+        """ConfigError unless ``backbone`` is the one these weights were made for."""
+        if backbone != self.backbone:
+            raise ConfigError(
+                f"config key 'model.init_weights' is {self.name!r}: the {self.description} "
+                f"need model.backbone: {self.backbone} (got {backbone!r}). Set the backbone "
+                f"to {self.backbone}, or model.init_weights to a local weights file made for "
+                f"{backbone!r}, or to null to train from scratch."
+            )
 
 
 #: ``model.init_weights`` values that name packaged weights rather than a file.
@@ -74,18 +85,11 @@ class ModelConfig:
     in_chans: int = 3
 
     def __post_init__(self) -> None:
-        from .errors import ConfigError
-
         if isinstance(self.init_weights, str) and self.init_weights.strip().lower() in ("", "none"):
             self.init_weights = None
         named = named_init_weights(self.init_weights)
-        if named is not None and self.backbone != named.backbone:
-            raise ConfigError(
-                f"config key 'model.init_weights' is {self.init_weights!r}: the {named.description} "
-                f"need model.backbone: {named.backbone} (got {self.backbone!r}). Set the backbone "
-                f"to {named.backbone}, or model.init_weights to a local weights file made for "
-                f"{self.backbone!r}, or to null to train from scratch."
-            )
+        if named is not None:
+            named.require_backbone(self.backbone)
         if self.decoder_channels < 1:
             raise ConfigError(f"model.decoder_channels must be >= 1, got {self.decoder_channels}")
         if not 0.0 <= self.drop_rate < 1.0:

@@ -35,7 +35,7 @@ from timm.models import adapt_input_conv
 
 from .checkpoint import METADATA_KEY, PathLike, load_safetensors, read_safetensors_header
 from .config import NAMED_INIT_WEIGHTS, NamedInitWeights, named_init_weights
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .network import CalcinosisNet
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,8 @@ def load_named_weights(
     agree; the first disagreement is a CheckpointError naming the file and key.
     ``backbone``, when given, must be ``named.backbone`` (ConfigError otherwise).
     """
-    if backbone is not None and backbone != named.backbone:
-        raise ConfigError(
-            f"config key 'model.init_weights' is {named.name!r}: the {named.description} need "
-            f"model.backbone: {named.backbone} (got {backbone!r})"
-        )
+    if backbone is not None:
+        named.require_backbone(backbone)
     file = _named_weights_file(named)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
