@@ -87,6 +87,17 @@ def test_render_patch_rejects_unknown_names() -> None:
         render_patch("gout", "congo_red", 0)
 
 
+@pytest.mark.parametrize("mpp", [0.0, -1.0, float("nan"), float("inf")])
+def test_both_renderers_reject_a_bad_mpp_alike(mpp: float) -> None:
+    # One argument check serves both styles (check_patch_args): style A used to
+    # divide by a zero mpp instead of saying what is wrong.
+    from calcinosis.training.synthetic_b import render_patch_b
+
+    for render in (render_patch, render_patch_b):
+        with pytest.raises(ConfigError, match="mpp must be a positive number"):
+            render("gout", "he", 0, 32, mpp=mpp)
+
+
 def test_patch_seed_differs_by_index_and_seed() -> None:
     seeds = {patch_seed(s, i) for s in range(3) for i in range(50)}
     assert len(seeds) == 150

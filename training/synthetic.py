@@ -77,6 +77,7 @@ __all__ = [
     "NOMINAL_MPP",
     "GENERATOR_VERSION",
     "render_patch",
+    "check_patch_args",
     "render_supersampled",
     "supersample_factor",
     "patch_seed",
@@ -1380,6 +1381,25 @@ def _check_names(label: str, stain: str) -> tuple[int, int]:
     return CLASS_NAMES.index(label), STAIN_NAMES.index(stain)
 
 
+def check_patch_args(
+    label: str, stain: str, size: int, shift: float, mpp: float
+) -> tuple[int, int]:
+    """The class and stain indices, or a ConfigError naming the bad argument.
+
+    The contract of every patch renderer (:func:`render_patch`, style B's
+    ``render_patch_b``): a known class and stain, at least 16 pixels, a shift
+    of at least 0 and a positive, finite mpp.
+    """
+    ci, si = _check_names(label, stain)
+    if size < 16:
+        raise ConfigError(f"patch size {size} is too small; use at least 16 pixels")
+    if not shift >= 0:
+        raise ConfigError(f"shift must be >= 0, got {shift}")
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp}")
+    return ci, si
+
+
 def render_patch(
     label: str,
     stain: str,
@@ -1395,11 +1415,7 @@ def render_patch(
     like a clearly different lab (stain strength and hue, blur, compression,
     tinted light) with the same morphology.
     """
-    ci, si = _check_names(label, stain)
-    if size < 16:
-        raise ConfigError(f"patch size {size} is too small; use at least 16 pixels")
-    if shift < 0:
-        raise ConfigError(f"shift must be >= 0, got {shift}")
+    ci, si = check_patch_args(label, stain, size, shift, mpp)
     return _render_scene(label, stain, ci, si, seed, int(size), float(shift), float(mpp), None)
 
 

@@ -49,16 +49,16 @@ import math
 import cv2
 import numpy as np
 
-from calcinosis.model.errors import ConfigError
 from calcinosis.model.labels import (
     AMYLOID,
     BACKGROUND,
     BONE,
     CALCIUM,
-    CLASS_NAMES,
     STAIN_NAMES,
     URATE,
 )
+
+from .synthetic import check_patch_args
 
 __all__ = ["STYLE_B_VERSION", "render_patch_b"]
 
@@ -1806,20 +1806,6 @@ def _finish(cv: _Canvas, lay: _Layout, sc: dict, shift: float) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def _check(label: str, stain: str, size: int, shift: float, mpp: float) -> tuple[int, int]:
-    if label not in CLASS_NAMES:
-        raise ConfigError(f"unknown class {label!r}; choose one of {', '.join(CLASS_NAMES)}")
-    if stain not in STAIN_NAMES:
-        raise ConfigError(f"unknown stain {stain!r}; choose one of {', '.join(STAIN_NAMES)}")
-    if size < 16:
-        raise ConfigError(f"patch size {size} is too small; use at least 16 pixels")
-    if not shift >= 0:
-        raise ConfigError(f"shift must be >= 0, got {shift}")
-    if not (mpp > 0 and math.isfinite(mpp)):
-        raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp}")
-    return CLASS_NAMES.index(label), STAIN_NAMES.index(stain)
-
-
 def render_patch_b(
     label: str,
     stain: str,
@@ -1837,7 +1823,7 @@ def render_patch_b(
     has at least ~6% of its pixels labelled with its deposit; ``normal`` has
     none.
     """
-    ci, si = _check(label, stain, int(size), float(shift), float(mpp))
+    ci, si = check_patch_args(label, stain, int(size), float(shift), float(mpp))
     n = int(size)
     shift = float(shift)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, ci, si, STYLE_B_VERSION, _SALT])
