@@ -82,9 +82,11 @@ def real_patch_rows(
 ) -> list[dict[str, Any]]:
     """Predict every patch of ``manifest`` and count, per true label, how often it is called so.
 
-    Returns one row per label in the manifest (``n``, ``correct``, the calls
-    as a histogram, ``indeterminate``) with the colour baseline's count of the
-    same patches beside it when ``train_manifest`` is given.
+    Returns one row per label in the manifest (``n``, ``correct``, and
+    ``calls``: a histogram of the calls, ``indeterminate`` included, with a
+    patch that got no call counted under its status, e.g. ``out_of_focus`` or
+    ``error``) with the colour baseline's count of the same patches beside it
+    when ``train_manifest`` is given.
     """
     from calcinosis.training.data import read_manifest
     from calcinosis.training.evaluate import _colour_baseline
@@ -94,27 +96,34 @@ def real_patch_rows(
     predictor = Predictor.from_checkpoint(checkpoint, batch_size=batch_size)
     class_names = list(predictor.class_names)
     samples = read_manifest(manifest, class_names)
-    calls: list[str | None] = []
+    calls: list[str] = []
     for s in samples:
         res = predictor.predict(str(s.path), mpp=s.mpp)
-        calls.append(res.prediction if res.status in ("ok", "indeterminate") else None)
-        if res.status not in ("ok",):
+        called = res.status in ("ok", "indeterminate") and res.prediction
+        calls.append(res.prediction if called else res.status)
+        if res.status != "ok":
             log.info("%s: %s %s", s.path, res.status, res.reason)
-    base_calls: list[str | None] = [None] * len(samples)
+    base_calls: list[str] | None = None
     base_note = "no --train-manifest"
     if train_manifest is not None:
         train_rows = [r for r in read_manifest(train_manifest, class_names) if r.split == "train"]
         if len({r.label for r in train_rows}) >= 2:
-            probs, base_note = _colour_baseline(train_rows, samples, class_names)
+            # the baseline sees the patches the network could read; the rest stay "error"
+            readable = [i for i, c in enumerate(calls) if c != "error"]
+            probs, base_note = _colour_baseline(
+                train_rows, [samples[i] for i in readable], class_names
+            )
             if probs is not None:
-                base_calls = [class_names[int(i)] for i in probs.argmax(axis=1)]
+                base_calls = ["error"] * len(samples)
+                for i, k in zip(readable, probs.argmax(axis=1), strict=True):
+                    base_calls[i] = class_names[int(k)]
         else:
             base_note = f"{train_manifest} has no train split with two or more classes"
     rows = []
     name = Path(manifest).parent.name or str(manifest)
     for label in sorted({s.label for s in samples}, key=class_names.index):
         idx = [i for i, s in enumerate(samples) if s.label == label]
-        hist = Counter(calls[i] or "unreadable" for i in idx)
+        hist = Counter(calls[i] for i in idx)
         rows.append(
             {
                 "set": f"{name}: {label} patches",
@@ -126,9 +135,7 @@ def real_patch_rows(
                 "correct": sum(calls[i] == label for i in idx),
                 "calls": dict(hist.most_common()),
                 "baseline_correct": (
-                    sum(base_calls[i] == label for i in idx)
-                    if train_manifest is not None and base_calls[0] is not None
-                    else None
+                    None if base_calls is None else sum(base_calls[i] == label for i in idx)
                 ),
                 "baseline": base_note,
             }

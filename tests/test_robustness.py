@@ -93,3 +93,17 @@ def test_cli_rejects_bad_report_spec(tmp_path):
         from calcinosis.inference.robustness import run_robustness
 
         run_robustness(SimpleNamespace(report=["no-equals-sign"], out=str(tmp_path)))
+
+
+def test_an_unreadable_real_patch_is_counted_not_fatal(tmp_path, robust_checkpoint):
+    manifest = _real_manifest(tmp_path)
+    bad = tmp_path / "real" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with manifest.open("a") as fh:
+        fh.write(f"{bad},normal,0.5\n")
+    rows = real_patch_rows(manifest, robust_checkpoint, FIXTURES / "manifest.csv")
+    normal = next(r for r in rows if r["label"] == "normal")
+    assert normal["n"] == 3
+    assert normal["calls"].get("error") == 1
+    assert normal["baseline_correct"] is not None and normal["baseline_correct"] <= 2
+    assert "error 1" in build_table(rows)
