@@ -107,3 +107,17 @@ def test_an_unreadable_real_patch_is_counted_not_fatal(tmp_path, robust_checkpoi
     assert normal["calls"].get("error") == 1
     assert normal["baseline_correct"] is not None and normal["baseline_correct"] <= 2
     assert "error 1" in build_table(rows)
+
+
+def test_real_dev_without_checkpoint_is_a_config_error(tmp_path):
+    from types import SimpleNamespace
+
+    from calcinosis.inference.robustness import run_robustness
+
+    args = SimpleNamespace(
+        report=None, out=str(tmp_path), real_dev="x.csv", checkpoint=None, train_manifest=None
+    )
+    with pytest.raises(ConfigError, match="--real-dev needs --checkpoint"):
+        run_robustness(args)
+    with pytest.raises(ConfigError, match="nothing to tabulate"):
+        run_robustness(SimpleNamespace(report=None, out=str(tmp_path), real_dev=None))

@@ -381,6 +381,40 @@ def test_evaluate_unknown_split_is_a_clear_error(one_step_run: Path, train_manif
         evaluate_checkpoint(one_step_run / "best.safetensors", train_manifest, split="holdout")
 
 
+def test_evaluate_baseline_train_fits_on_another_manifest(
+    one_step_run: Path, train_manifest: Path, tmp_path: Path
+) -> None:
+    from calcinosis.model import DataError
+    from calcinosis.training.evaluate import evaluate_checkpoint
+
+    # a set without a train split (another lab's patches) gets its baseline from
+    # the model's own training manifest
+    rows = list(csv.DictReader(open(train_manifest, newline="")))
+    other = tmp_path / "other.csv"
+    with other.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "label", "stain", "mpp"])
+        w.writeheader()
+        for r in rows:
+            if r["split"] == "test":
+                w.writerow({k: r[k] if k != "path" else str(train_manifest.parent / r["path"])
+                            for k in ("path", "label", "stain", "mpp")})  # fmt: skip
+    ckpt = one_step_run / "best.safetensors"
+    alone = evaluate_checkpoint(ckpt, other, split="all", out_dir=tmp_path / "a")
+    assert alone["headline"]["baseline_macro_f1"] is None
+    fitted = evaluate_checkpoint(
+        ckpt, other, split="all", out_dir=tmp_path / "b", baseline_train=train_manifest
+    )
+    assert fitted["headline"]["baseline_macro_f1"] is not None
+    with pytest.raises(DataError, match="nowhere.csv"):
+        evaluate_checkpoint(
+            ckpt,
+            other,
+            split="all",
+            out_dir=tmp_path / "c",
+            baseline_train=tmp_path / "nowhere.csv",
+        )
+
+
 # --------------------------------------------------------------------------- processes
 
 
