@@ -70,6 +70,8 @@ def test_wrong_types_name_the_key(tmp_path: Path, raw: dict, message: str) -> No
         ("augment.scale=[1.2, 0.8]", r"augment\.scale' must be \[low, high\]"),
         ("model.drop_rate=1.0", r"model\.drop_rate must be in \[0, 1\)"),
         ("train.ema_decay=1.0", r"train\.ema_decay' must be in \[0, 1\)"),
+        ("train.encoder_lr_scale=0", r"train\.encoder_lr_scale' must be in \(0, 1\]"),
+        ("train.encoder_lr_scale=2", r"train\.encoder_lr_scale' must be in \(0, 1\]"),
     ],
 )
 def test_out_of_range_values_are_rejected(override: str, message: str) -> None:

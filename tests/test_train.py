@@ -320,6 +320,30 @@ def test_warmup_then_cosine_to_floor() -> None:
     assert all(f(i) >= f(i + 1) for i in range(10, 120))
 
 
+def test_encoder_learns_at_its_own_rate_and_the_schedule_keeps_the_ratio() -> None:
+    cfg = load_config(None, ["model.backbone=resnet18", "model.init_weights=null"])
+    model = T.create_model(cfg.model)
+    opt = T.build_optimizer(model, 1e-3, 0.05, encoder_lr_scale=0.1)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"encoder", "encoder_no_decay", "heads", "heads_no_decay"}
+    assert groups["encoder"]["lr"] == pytest.approx(1e-4)
+    assert groups["heads"]["lr"] == pytest.approx(1e-3)
+    assert groups["heads_no_decay"]["weight_decay"] == 0.0
+    assert groups["encoder"]["weight_decay"] == 0.05
+    enc = {id(p) for p in model.encoder.parameters()}
+    assert all(id(p) in enc for p in groups["encoder"]["params"])
+    assert not any(id(p) in enc for p in groups["heads"]["params"])
+    # every trainable parameter is in exactly one group
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, T.warmup_cosine(10, 2))
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["encoder"] == pytest.approx(0.1 * lrs["heads"])
+
+
 def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
     T.seed_everything(5)
     state = T.rng_state()

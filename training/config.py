@@ -177,6 +177,12 @@ class TrainConfig:
     # which are steadier than the last step's. Short runs want ~0.99 (an average
     # over ~100 steps), long GPU runs 0.999-0.9998.
     ema_decay: float = 0.0
+    # The pretrained encoder's learning rate as a fraction of train.lr (the
+    # decoder and heads, new layers, get train.lr itself). Below 1 the ImageNet
+    # features are adjusted rather than overwritten (discriminative fine-tuning;
+    # Kumar et al. 2022 show full fine-tuning at one rate distorts pretrained
+    # features and loses out-of-distribution accuracy).
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -188,6 +194,11 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _require(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 turns it off)")
+        _require(
+            0 < self.encoder_lr_scale <= 1,
+            "train.encoder_lr_scale",
+            "must be in (0, 1] (1 = the encoder learns at train.lr like the heads)",
+        )
 
 
 @dataclass
