@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path
 from .network import CalcinosisNet
+from .preprocess import PREPROCESSING_KEY, Preprocessing
 
 #: Bumped when the layout of the header or of the state dict changes in a way
 #: an older reader would misunderstand.
@@ -62,6 +63,9 @@ def save_checkpoint(path: PathLike, model: nn.Module, metadata: dict[str, Any]) 
     meta.setdefault("mean", list(net.data_config["mean"]))
     meta.setdefault("std", list(net.data_config["std"]))
     meta.setdefault("init_weights", getattr(net, "init_weights_source", None))
+    # The one preprocessing section inference reads (see model/preprocess.py);
+    # without it in ``metadata``, it is made from the keys older writers set.
+    meta[PREPROCESSING_KEY] = Preprocessing.from_metadata(meta).to_dict()
     try:
         header = {METADATA_KEY: json.dumps(meta), "format": "pt"}
     except TypeError as exc:
@@ -100,8 +104,8 @@ def load_checkpoint(
     """Rebuild the saved network from its own config and load its weights strictly.
 
     The model comes back in eval mode on ``device``; call ``.train()`` to
-    resume training. ``data_config`` mean/std are set from the metadata so
-    inference normalises exactly as training did.
+    resume training. ``data_config`` mean/std are set from the metadata's
+    preprocessing so inference normalises exactly as training did.
     """
     from .factory import create_model  # the factory imports nothing from here
 
@@ -124,9 +128,9 @@ def load_checkpoint(
     tensors = load_safetensors(path)
     check_state_dict(model, tensors, path)
     model.load_state_dict(tensors, strict=True)
-    for key in ("mean", "std"):
-        if isinstance(meta.get(key), list | tuple) and len(meta[key]) == cfg.in_chans:
-            model.data_config[key] = tuple(float(v) for v in meta[key])
+    prep = Preprocessing.from_metadata(meta)
+    if len(prep.mean) == cfg.in_chans:
+        model.data_config["mean"], model.data_config["std"] = prep.mean, prep.std
     return model.to(device).eval(), meta
 
 

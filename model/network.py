@@ -18,10 +18,9 @@ from torch import nn
 
 from .config import ModelConfig
 
-#: ImageNet statistics: what almost every timm backbone was trained with, and
-#: the fallback when a backbone carries no pretrained config.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# ImageNet statistics: what almost every timm backbone was trained with, and
+# the fallback when a backbone carries no pretrained config.
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 #: The decoder starts at stride 4. A 3x3 convolution at stride 2 would cost a
 #: quarter of a resnet18 forward pass; at stride 4 it is a few per cent, and

@@ -93,22 +93,29 @@ def torch_d4(model: Any, x: Any) -> dict[str, Any]:
     return {"class_logits": cls, "stain_logits": stain, "deposit_logits": dense}
 
 
-def resolve_tta(meta: dict[str, Any], requested: str | None = None) -> tuple[str, str | None]:
-    """(mode to run, warning or None) for a checkpoint's metadata.
+def resolve_tta(
+    default: str,
+    requested: str | None = None,
+    *,
+    fitted: str = "none",
+    calibrated: bool = False,
+) -> tuple[str, str | None]:
+    """(mode to run, warning or None).
 
-    The mode is ``requested`` when given, else the checkpoint's
-    ``inference.tta``. The warning says when that differs from the mode its
-    temperature was fitted in (checkpoints calibrated before test-time
-    augmentation existed were fitted without it).
+    The mode is ``requested`` when given, else ``default`` (a checkpoint's
+    ``inference.tta``: read it with ``calcinosis.model.metadata.checkpoint_tta``).
+    With a fitted temperature (``calibrated``), the warning says when the mode
+    differs from the one the temperature was ``fitted`` in.
     """
-    config = meta.get("config") or {}
-    default = (config.get("inference") or {}).get("tta") or "none"
-    mode = requested or default
+    if isinstance(default, dict):  # transitional: metadata passed by an older caller
+        from .metadata import checkpoint_tta
+
+        return checkpoint_tta(default, requested)
+    mode = requested or default or "none"
     if mode not in TTA_MODES:
         raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {mode!r}")
-    fitted = (meta.get("calibration") or {}).get("tta", "none")
     warning = None
-    if meta.get("temperature") is not None and mode != fitted:
+    if calibrated and mode != fitted:
         warning = (
             f"test-time augmentation '{mode}', but the checkpoint's temperature was fitted "
             f"with '{fitted}': probabilities may be a little over- or under-confident "

@@ -1,10 +1,15 @@
-"""Train and eval transform presets, HED stain jitter and Macenko stain normalisation.
+"""Train and eval transform presets, HED stain jitter and the Macenko transform.
 
 Scale policy: a patch keeps its magnification. PatchDataset has already
 rescaled it to ``data.mpp``; here it is cropped (random in training, centre in
 evaluation) or reflect-padded to ``image_size``, never squashed, so the model
 sees tissue at the same microns per pixel as the slide tiles it will meet at
 inference. The only resizing is the random zoom of ``augment.scale``.
+
+The evaluation preset is the model's preprocessing contract
+(:class:`calcinosis.model.preprocess.Preprocessing`), the same function the
+Predictor applies; the optical-density and Macenko arithmetic lives in
+:mod:`calcinosis.model.stain`, shared with inference.
 
 Each preset returns a picklable callable ``f(image=uint8 HWC, mask=uint8 HW | None)``
 -> ``{"image": float32 tensor (3, H, W) normalised, "mask": int64 tensor (H, W) | None}``.
@@ -26,7 +31,19 @@ import numpy as np
 import torch
 from albumentations.core.transforms_interface import ImageOnlyTransform
 
+from calcinosis.model.preprocess import Preprocessing
+from calcinosis.model.stain import (
+    MACENKO_REF_MAX_CONC,
+    MACENKO_REF_STAINS,
+    apply_3x3,
+    macenko_normalize,
+    macenko_stains,
+    od_to_rgb,
+    rgb_to_od,
+)
+
 __all__ = [
+    "EvalTransform",
     "HEDJitter",
     "MacenkoNormalizer",
     "Pipeline",
@@ -49,26 +66,6 @@ RGB_FROM_HED = np.array(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32
 )
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED).astype(np.float32)
-
-# Optical density of each uint8 level: -ln((v + 1) / 256); 255 (white) -> 0.
-_OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
-
-
-def rgb_to_od(image: np.ndarray) -> np.ndarray:
-    """Per-pixel optical density, ``(H, W, 3)`` float32, via a lookup table (cheap)."""
-    return cv2.LUT(np.ascontiguousarray(image, dtype=np.uint8), _OD_LUT)
-
-
-def od_to_rgb(od: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb_to_od`, clipped to uint8."""
-    rgb = cv2.exp(-np.asarray(od, dtype=np.float32))
-    # 256 * exp(-od) - 1, rounded and saturated to 0..255 in one OpenCV call.
-    return cv2.convertScaleAbs(np.maximum(rgb, 1.0 / 256.0, out=rgb), alpha=256.0, beta=-1.0)
-
-
-def _apply_3x3(od: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Per-pixel ``od @ matrix`` for an (H, W, 3) array; cv2.transform is SIMD and fast."""
-    return cv2.transform(od, np.ascontiguousarray(matrix.T, dtype=np.float32))
 
 
 class HEDJitter(ImageOnlyTransform):
@@ -123,7 +120,7 @@ class HEDJitter(ImageOnlyTransform):
         # through RGB_FROM_HED. Folded into one 3x3 matrix plus a per-pixel offset.
         scale = (HED_FROM_RGB * alpha[None, :]) @ RGB_FROM_HED
         offset = (beta @ RGB_FROM_HED).astype(np.float32)
-        out = _apply_3x3(od, scale)
+        out = apply_3x3(od, scale)
         # Weight of the shift: 0 on glass, 1 on tissue (total OD above background_od).
         weight = cv2.transform(od, np.full((1, 3), 1.0 / self.background_od, np.float32))
         np.minimum(weight, 1.0, out=weight)  # OD is >= 0, so only the top needs clipping
@@ -158,7 +155,7 @@ class RandomStainMatrix(ImageOnlyTransform):
     def apply(self, img: np.ndarray, matrix: np.ndarray | None = None, **_: Any) -> np.ndarray:
         if matrix is None:
             return img
-        out = _apply_3x3(rgb_to_od(img), matrix)
+        out = apply_3x3(rgb_to_od(img), matrix)
         np.maximum(out, 0.0, out=out)
         return od_to_rgb(out)
 
@@ -214,65 +211,6 @@ class RandConv(ImageOnlyTransform):
 
 # --------------------------------------------------------------------------- Macenko
 
-# Reference H&E stain vectors (columns: haematoxylin, eosin; rows: R, G, B OD)
-# and 99th-percentile concentrations, the values of Macenko et al.'s reference
-# slide as circulated with the common reference implementation.
-MACENKO_REF_STAINS = np.array(
-    [[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], dtype=np.float32
-)
-MACENKO_REF_MAX_CONC = np.array([1.9705, 1.0308], dtype=np.float32)
-
-
-def macenko_stains(
-    image: np.ndarray,
-    beta: float = 0.15,
-    alpha: float = 1.0,
-    min_pixels: int = 100,
-    max_samples: int = 8192,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Estimate the H&E stain matrix (3x2, unit columns) and 99th-percentile concentrations.
-
-    Macenko et al. 2009: optical density, drop transparent pixels (any channel OD
-    < ``beta``), project onto the plane of the two largest eigenvectors, take the
-    ``alpha`` / ``100 - alpha`` percentile angles as the stain vectors. At most
-    ``max_samples`` evenly strided tissue pixels enter the percentiles (the
-    estimate barely moves, the cost halves). Returns None when there is too
-    little tissue or the estimate degenerates.
-    """
-    od = rgb_to_od(image).reshape(-1, 3)
-    tissue = od[np.all(od >= beta, axis=1)]
-    if tissue.shape[0] < min_pixels:
-        return None
-    if tissue.shape[0] > max_samples:
-        tissue = tissue[:: -(-tissue.shape[0] // max_samples)]
-    cov = np.cov(tissue.T.astype(np.float64))
-    if not np.all(np.isfinite(cov)):
-        return None
-    _, vecs = np.linalg.eigh(cov)
-    plane = vecs[:, 1:3]  # two largest eigenvalues (eigh sorts ascending)
-    proj = tissue @ plane
-    phi = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(phi, [alpha, 100 - alpha])
-    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
-    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
-    # Orient to positive OD and put haematoxylin (larger red OD) first.
-    v1, v2 = v1 * np.sign(v1.sum() or 1.0), v2 * np.sign(v2.sum() or 1.0)
-    stains = np.stack([v1, v2], axis=1) if v1[0] > v2[0] else np.stack([v2, v1], axis=1)
-    norms = np.linalg.norm(stains, axis=0)
-    if np.any(norms < 1e-6):
-        return None
-    stains = stains / norms
-    if abs(float(stains[:, 0] @ stains[:, 1])) > 0.999:  # one colour only: no plane
-        return None
-    stains = stains.astype(np.float32)
-    # Background pixels have zero concentration, so the tissue sample gives the
-    # same upper percentile as the whole image would, without its dilution.
-    conc = tissue @ np.linalg.pinv(stains).T
-    max_conc = np.percentile(conc, 99, axis=0).astype(np.float32)
-    if np.any(~np.isfinite(max_conc)) or np.any(max_conc < 1e-3):
-        return None
-    return stains, max_conc
-
 
 class MacenkoNormalizer(ImageOnlyTransform):
     """Map an image's H&E stains onto a reference (Macenko et al. 2009), deterministic.
@@ -312,16 +250,9 @@ class MacenkoNormalizer(ImageOnlyTransform):
         return self
 
     def apply(self, img: np.ndarray, **_: Any) -> np.ndarray:
-        est = macenko_stains(img, self.beta, self.alpha)
-        if est is None:
-            return img
-        stains, max_conc = est
-        # od -> concentrations (pinv) -> rescaled to the reference maxima -> reference
-        # stains: one 3x3 matrix per image.
-        matrix = (
-            np.linalg.pinv(stains).T * (self.reference_max_conc / max_conc)[None, :]
-        ) @ self.reference_stains.T
-        return od_to_rgb(_apply_3x3(rgb_to_od(img), matrix))
+        return macenko_normalize(
+            img, self.reference_stains, self.reference_max_conc, self.beta, self.alpha
+        )
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("reference_stains", "reference_max_conc", "beta", "alpha")
@@ -390,22 +321,13 @@ class Pipeline:
         self._seeded_for = key
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
-        image = np.asarray(image)
-        if image.dtype != np.uint8:
-            raise TypeError(f"transform expects a uint8 image, got {image.dtype}")
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"transform expects an (H, W, 3) image, got shape {image.shape}")
+        image, mask = _check_input(image, mask)
         self._maybe_reseed()
         if mask is None:
             out = self.compose(image=image)
             mask_t = None
         else:
-            mask = np.asarray(mask)
-            if mask.shape != image.shape[:2]:
-                raise ValueError(f"mask shape {mask.shape} differs from image {image.shape[:2]}")
-            out = self.compose(image=image, mask=np.ascontiguousarray(mask, dtype=np.uint8))
+            out = self.compose(image=image, mask=mask)
             mask_t = torch.from_numpy(np.ascontiguousarray(out["mask"]).astype(np.int64))
         img = np.ascontiguousarray(out["image"].transpose(2, 0, 1), dtype=np.float32)
         return {"image": torch.from_numpy(img), "mask": mask_t}
@@ -414,21 +336,26 @@ class Pipeline:
         return f"Pipeline({self.compose!r})"
 
 
-def _size_ops(image_size: int, train: bool) -> list[A.BasicTransform]:
-    """Pad (reflect) small patches and crop large ones to image_size, keeping scale."""
-    return [
-        A.PadIfNeeded(
-            min_height=image_size,
-            min_width=image_size,
-            position="random" if train else "center",
-            border_mode=cv2.BORDER_REFLECT_101,
-        ),
-        (A.RandomCrop if train else A.CenterCrop)(height=image_size, width=image_size),
-    ]
+class EvalTransform:
+    """The deterministic evaluation preset: :meth:`Preprocessing.apply`, as tensors.
 
+    Optional Macenko, reflect-pad / centre-crop to the input size, normalise:
+    the very function the ``Predictor`` applies to a patch at the model's mpp,
+    so an evaluation report measures what ``calcinosis predict`` returns.
+    """
 
-def _tail(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
-    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.preprocessing = preprocessing
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
+        image, mask = _check_input(image, mask)
+        x, fitted_mask, _ = self.preprocessing.apply(image, mask)
+        img = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        mask_t = None if fitted_mask is None else torch.from_numpy(fitted_mask.astype(np.int64))
+        return {"image": img, "mask": mask_t}
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.preprocessing!r})"
 
 
 def build_eval_transform(
@@ -436,16 +363,49 @@ def build_eval_transform(
     mean: Sequence[float],
     std: Sequence[float],
     stain_normalize: str = "none",
-) -> Pipeline:
-    """Deterministic: optional Macenko, centre crop / reflect pad, normalise."""
-    ops: list[A.BasicTransform] = []
-    if stain_normalize == "macenko":
-        ops.append(MacenkoNormalizer())
-    elif stain_normalize != "none":
-        raise ValueError(f"stain_normalize must be 'none' or 'macenko', got {stain_normalize!r}")
-    ops += _size_ops(image_size, train=False)
-    ops += _tail(mean, std)
-    return Pipeline(A.Compose(ops), seed=0)
+) -> EvalTransform:
+    """Deterministic: optional Macenko, centre crop / reflect pad, normalise.
+
+    A checkpoint's own preprocessing gives the same transform as
+    ``EvalTransform(Preprocessing.from_metadata(meta))``.
+    """
+    return EvalTransform(
+        Preprocessing(input_size=image_size, mean=mean, std=std, stain_normalize=stain_normalize)
+    )
+
+
+def _check_input(image: Any, mask: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """A uint8 (H, W, 3) image (grey is repeated) and a matching uint8 mask, or an error."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"transform expects a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"transform expects an (H, W, 3) image, got shape {image.shape}")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask shape {mask.shape} differs from image {image.shape[:2]}")
+        mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    return image, mask
+
+
+def _size_ops(image_size: int) -> list[A.BasicTransform]:
+    """Pad (reflect) small patches and crop large ones to image_size at random, keeping scale."""
+    return [
+        A.PadIfNeeded(
+            min_height=image_size,
+            min_width=image_size,
+            position="random",
+            border_mode=cv2.BORDER_REFLECT_101,
+        ),
+        A.RandomCrop(height=image_size, width=image_size),
+    ]
+
+
+def _tail(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)]
 
 
 def build_train_transform(
@@ -476,7 +436,7 @@ def build_train_transform(
                 p=1.0,
             )
         )
-    ops += _size_ops(image_size, train=True)
+    ops += _size_ops(image_size)
     if aug.flips:
         ops.append(A.D4(p=1.0))  # all 8 flips / quarter turns, identity included
     if aug.hed_sigma > 0 or aug.stain_strength > 0:

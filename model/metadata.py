@@ -1,0 +1,53 @@
+"""Reading checkpoint metadata of every layout this package has written.
+
+Newer checkpoints keep each setting in one place (``preprocessing``, the
+calibration, the top-level inference thresholds); older ones left some of
+them only in the saved training config. :func:`setting` is the one lookup
+that knows both, so no other module needs to know how a training config is
+laid out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["checkpoint_tta", "setting"]
+
+
+def setting(
+    meta: dict[str, Any], key: str | None, config_path: tuple[str, ...], default: Any
+) -> Any:
+    """``meta[key]`` when set, else the saved training config's value at ``config_path``.
+
+    ``setting(meta, "mpp", ("data", "mpp"), None)`` reads ``meta["mpp"]``, else
+    ``meta["config"]["data"]["mpp"]``, else None. ``key=None`` looks only in
+    the config.
+    """
+    if key is not None and meta.get(key) is not None:
+        return meta[key]
+    node: Any = meta.get("config") or {}
+    for k in config_path:
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return default if node is None else node
+
+
+def checkpoint_tta(meta: dict[str, Any], requested: str | None = None) -> tuple[str, str | None]:
+    """(test-time augmentation mode to run, warning or None) for a checkpoint.
+
+    The mode is ``requested`` when given, else the checkpoint's default
+    (``inference.tta`` of its config); the warning comes from
+    :func:`calcinosis.model.tta.resolve_tta`, comparing it with the mode the
+    temperature was fitted in (``calibration.tta``; checkpoints calibrated
+    before test-time augmentation existed were fitted without it).
+    """
+    from .tta import resolve_tta
+
+    calibration = meta.get("calibration") or {}
+    return resolve_tta(
+        setting(meta, None, ("inference", "tta"), "none"),
+        requested,
+        fitted=calibration.get("tta", "none"),
+        calibrated=meta.get("temperature") is not None,
+    )
