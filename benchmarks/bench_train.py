@@ -20,11 +20,10 @@ import torch
 
 from calcinosis.model import create_model
 from calcinosis.training.config import load_config
-from calcinosis.training.train import (
-    MultiTaskLoss,
-    build_optimizer,
-    resolve_amp_dtype,
-)
+from calcinosis.training.distributed import resolve_amp_dtype
+from calcinosis.training.engine import autocast
+from calcinosis.training.losses import MultiTaskLoss
+from calcinosis.training.optim import build_optimizer
 
 
 def bench(
@@ -55,9 +54,7 @@ def bench(
     }
 
     def step() -> None:
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
+        with autocast(device, amp_dtype):
             out = model(batch["image"])
         loss, _ = criterion(out, batch)
         optimizer.zero_grad(set_to_none=True)

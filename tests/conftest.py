@@ -60,3 +60,27 @@ def train_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from calcinosis.training.synthetic import make_fixtures
 
     return Path(make_fixtures(tmp_path_factory.mktemp("fixtures")))
+
+
+#: The tiny training config of the training tests (configs/ci.yaml: resnet10t).
+CI_CONFIG = REPO / "configs" / "ci.yaml"
+
+
+def make_train_cfg(manifest: Path, out: Path, *overrides: str):
+    """configs/ci.yaml on ``manifest``, writing to ``out``: two steps of 4 per epoch."""
+    from calcinosis.training.config import load_config
+
+    base = [
+        "data.source=manifest",
+        f"data.manifest={manifest}",
+        f"output_dir={out}",
+        "train.max_steps_per_epoch=2",
+        "train.batch_size=4",
+    ]
+    return load_config(CI_CONFIG, [*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def train_cfg():
+    """``make_train_cfg(manifest, out, *overrides)`` for test modules that train a model."""
+    return make_train_cfg

@@ -20,6 +20,11 @@ import pytest
 import torch
 import yaml
 
+# The shared training helpers live in conftest.py; tests/test_tta.py still imports
+# make_cfg from here until it takes conftest's ``train_cfg`` fixture.
+from conftest import CI_CONFIG
+from conftest import make_train_cfg as make_cfg
+
 import calcinosis.training.train as T
 from calcinosis.model import (
     ConfigError,
@@ -28,27 +33,15 @@ from calcinosis.model import (
     read_checkpoint_metadata,
 )
 from calcinosis.model.checkpoint import load_safetensors
+from calcinosis.model.fileio import atomic_write_bytes
 from calcinosis.training.config import config_to_dict, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-CI_CONFIG = REPO / "configs" / "ci.yaml"
 METADATA_KEYS = {
     "format_version", "package_version", "model", "config", "class_names", "stain_names",
     "deposit_labels", "input_size", "mean", "std", "mpp", "temperature",
     "indeterminate_threshold", "min_tissue_fraction", "epoch", "metrics",
 }  # fmt: skip
 TIMING_COLUMNS = {"images_per_s", "seconds"}
-
-
-def make_cfg(manifest: Path, out: Path, *overrides: str):
-    base = [
-        "data.source=manifest",
-        f"data.manifest={manifest}",
-        f"output_dir={out}",
-        "train.max_steps_per_epoch=2",
-        "train.batch_size=4",
-    ]
-    return load_config(CI_CONFIG, [*base, *overrides])
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -209,6 +202,70 @@ def test_weight_average_is_exported_and_resumes_exactly(
     assert metrics_rows(straight) == metrics_rows(resumed)
 
 
+def test_dropout_resumes_exactly(
+    tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # configs/ci.yaml has no dropout; with it, the masks after --resume must be the
+    # ones the uninterrupted run drew (each rank's generator state is in state.pt).
+    extra = ("train.epochs=2", "model.drop_rate=0.5", "calibrate=false")
+    straight = tmp_path / "straight"
+    T.train(make_cfg(train_manifest, straight, *extra))
+    state = torch.load(straight / "state.pt", weights_only=True)
+    assert "scaler" not in state and len(state["rng"]) == 1  # one generator state per rank
+
+    resumed = tmp_path / "resumed"
+    cfg = make_cfg(train_manifest, resumed, *extra)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "train", 3)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg)
+    T.train(cfg, resume=True)
+    assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
+    assert metrics_rows(straight) == metrics_rows(resumed)
+
+
+def test_state_files_of_older_versions_still_resume(
+    straight: Path, tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Older state.pt files carry an always-None "scaler" and rank 0's generator
+    # state alone (not a list per rank); they still resume, and exactly.
+    resumed = tmp_path / "resumed"
+    cfg = make_cfg(train_manifest, resumed, "train.epochs=2")
+    with monkeypatch.context() as m:
+        _interrupt_at(m, "train", 3)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg)
+    state = torch.load(resumed / "state.pt", weights_only=True)
+    state["scaler"] = None
+    state["rng"] = state["rng"][0]
+    torch.save(state, resumed / "state.pt")
+
+    T.train(cfg, resume=True)
+    assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
+    assert metrics_rows(straight) == metrics_rows(resumed)
+
+
+def test_an_augmented_item_depends_on_its_key_alone(train_manifest: Path, tmp_path: Path) -> None:
+    # The training set's item (index, seed) is the same whatever the process-wide
+    # generators hold: nothing in the pipeline draws from them.
+    from calcinosis.model.network import IMAGENET_MEAN, IMAGENET_STD
+    from calcinosis.training.data import load_samples
+
+    cfg = make_cfg(train_manifest, tmp_path / "run")
+    data_config = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    loader, _, _, _ = T.build_loaders(cfg, load_samples(cfg), data_config, T.DistInfo())
+    dataset = loader.dataset
+    items = []
+    for global_seed in (1, 2):
+        T.seed_everything(global_seed)
+        items.append([dataset[(3, 11)], dataset[(3, 12)], dataset[(3, 11)]])
+    for a, b in zip(items[0], items[1], strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    first, other, again = items[0]
+    assert torch.equal(first["image"], again["image"])
+    assert not torch.equal(first["image"], other["image"])  # another seed, another augmentation
+
+
 @pytest.mark.slow
 def test_result_does_not_depend_on_workers_or_cache(tmp_path: Path, train_manifest: Path) -> None:
     runs = {}
@@ -250,7 +307,7 @@ def test_nan_loss_stops_without_a_new_checkpoint(
     snapshot = {}
 
     def remember(path, history):
-        T._atomic_write_bytes(path, b"")
+        atomic_write_bytes(path, b"")
         snapshot.update({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
         snapshot["state.pt"] = (out / "state.pt").read_bytes()
 
@@ -355,12 +412,22 @@ def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
 
 
-def test_auto_precision_is_fp32_on_cpus_without_native_bf16() -> None:
-    cpu = torch.device("cpu")
+def test_auto_precision_is_fp32_on_cpus_without_native_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from calcinosis.training import distributed
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert T.resolve_amp_dtype("fp32", cpu) is None
     assert T.resolve_amp_dtype("bf16", cpu) is torch.bfloat16
-    expected = torch.bfloat16 if T.cpu_has_native_bf16() else None
-    assert T.resolve_amp_dtype("auto", cpu) is expected
+    # both answers of the hardware probe, on the CPU and on a GPU
+    for native, expected in ((False, None), (True, torch.bfloat16)):
+        monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda native=native: native)
+        assert T.resolve_amp_dtype("auto", cpu) is expected
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)
+        assert T.resolve_amp_dtype("auto", gpu) is expected
+    with pytest.raises(ConfigError, match="auto, bf16 or fp32"):
+        T.resolve_amp_dtype("fp16", cpu)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -32,13 +32,13 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from calcinosis.model import DataError, ImageReadError, load_checkpoint
 from calcinosis.model.tta import resolve_tta
 
 from . import metrics
-from .train import collect_outputs
+from .engine import collect_outputs
+from .loaders import make_loader
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def evaluate_checkpoint(
     data. Returns the metrics dict written to ``<out_dir>/metrics.json``.
     """
     from .data import PatchDataset, read_manifest
-    from .transforms import build_eval_transform, make_fork_safe
+    from .transforms import build_eval_transform
 
     checkpoint = Path(checkpoint)
     out = Path(out_dir) if out_dir is not None else checkpoint.parent / "report"
@@ -102,9 +102,7 @@ def evaluate_checkpoint(
     stain_normalize = (meta.get("config") or {}).get("augment", {}).get("stain_normalize", "none")
     transform = build_eval_transform(size, mean, std, stain_normalize=stain_normalize)
     dataset = PatchDataset(samples, class_names, stain_names, transform, mpp=meta.get("mpp"))
-    if num_workers > 0:
-        make_fork_safe()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     outputs = collect_outputs(model, loader, dev, "fp32", tta=tta)
     temperature = float(meta.get("temperature", 1.0))
 
