@@ -91,7 +91,7 @@ def test_render_patch_rejects_unknown_names() -> None:
 def test_both_renderers_reject_a_bad_mpp_alike(mpp: float) -> None:
     # One argument check serves both styles (check_patch_args): style A used to
     # divide by a zero mpp instead of saying what is wrong.
-    from calcinosis.training.synthetic_b import render_patch_b
+    from calcinosis.training.synthetic import render_patch_b
 
     for render in (render_patch, render_patch_b):
         with pytest.raises(ConfigError, match="mpp must be a positive number"):
@@ -481,9 +481,9 @@ def test_no_overflow_or_nan_in_any_class():
 
 
 def test_domain_randomisation_varies_the_drawing_not_the_labels():
-    from calcinosis.training.synthetic import _style_settings
+    from calcinosis.training.synthetic.optics import style_settings
 
-    styles = [_style_settings(np.random.default_rng(s)) for s in range(200)]
+    styles = [style_settings(np.random.default_rng(s)) for s in range(200)]
     dens = np.array([s["coll_density"] for s in styles])
     assert dens.min() < 0.6 and dens.max() > 1.4  # loose to sclerotic dermis
     assert len({round(s["nuc_size"], 3) for s in styles}) > 150
@@ -495,8 +495,7 @@ def test_domain_randomisation_varies_the_drawing_not_the_labels():
 
 def test_mix_dataset_alternates_styles_and_records_them(tmp_path):
     from calcinosis.training.imageio import read_rgb
-    from calcinosis.training.synthetic import patch_seed
-    from calcinosis.training.synthetic_b import render_patch_b
+    from calcinosis.training.synthetic import patch_seed, render_patch_b
 
     manifest = generate_dataset(tmp_path, 2, size=32, seed=4, workers=1, mpp=2.0, style="mix")
     rows = list(csv.DictReader(manifest.open()))

@@ -15,7 +15,7 @@ from calcinosis.model.labels import (
     STAIN_NAMES,
     URATE,
 )
-from calcinosis.training.synthetic_b import STYLE_B_VERSION, render_patch_b
+from calcinosis.training.synthetic import STYLE_B_VERSION, render_patch_b
 
 DEMO = {"size": 64, "mpp": 2.0}  # the demo's setting: 128 um of tissue in 64 px
 SEEDS = range(6)
