@@ -37,7 +37,10 @@ from .cli import parse_region_size, run_synth
 from .contract import GENERATOR_VERSION, NOMINAL_MPP, check_patch_args
 from .dataset import (
     MANIFEST_COLUMNS,
+    STAMP_NAME,
     assign_synthetic_splits,
+    dataset_is_current,
+    dataset_stamp,
     generate_dataset,
     make_fixtures,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "STYLE_B_VERSION",
     "STYLES",
     "MANIFEST_COLUMNS",
+    "STAMP_NAME",
     "render_patch",
     "render_patch_b",
     "check_patch_args",
@@ -63,6 +67,8 @@ __all__ = [
     "patch_style",
     "generate_dataset",
     "assign_synthetic_splits",
+    "dataset_stamp",
+    "dataset_is_current",
     "contact_sheet",
     "make_fixtures",
     "DEPOSIT_CLASSES",

@@ -2,6 +2,9 @@
 
 ``generate_dataset`` derives each patch's seed from ``(seed, i)`` and writes
 byte-identical files whatever the number of worker processes.
+``synthetic.json`` (:func:`dataset_stamp`) records the settings a dataset was
+made with, so a cached one can be reused only when they match
+(:func:`dataset_is_current`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ from .patches import (
     renderer,
     supersample_factor,
 )
+from .style_b import STYLE_B_VERSION
 from .workers import map_in_workers
 
 MANIFEST_COLUMNS = ("path", "label", "stain", "mask_path", "split", "mpp", "style")
-SPLIT_FRACTIONS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
+#: The dataset's stamp file: the settings it was made with (:func:`dataset_stamp`).
+STAMP_NAME = "synthetic.json"
+#: Default shares of each class and stain held out for validation and test.
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.15
 
 # one chunk of patches for a worker: (out_dir, [(label, stain, i)], seed, size, shift,
 # mpp, style, supersample)
@@ -72,19 +80,34 @@ def _render_chunk(job: _Chunk) -> int:
     return len(tasks)
 
 
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {v}")
+    if not val_fraction + test_fraction < 1:
+        raise ConfigError(
+            f"val_fraction + test_fraction must be < 1 (some patches must train), "
+            f"got {val_fraction} + {test_fraction}"
+        )
+
+
 def assign_synthetic_splits(
-    n_per_class_stain: int, seed: int = 0
+    n_per_class_stain: int,
+    seed: int = 0,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
 ) -> dict[tuple[str, str, int], str]:
     """train/val/test for every (class, stain, index), stratified and deterministic.
 
     Within each class the stain groups are laid end to end and split by a
-    running quota (70/15/15), each group shuffled first; so every (class,
-    stain) gets about 70/15/15, and every class gets all three splits from
-    two patches per (class, stain) on.
+    running quota (by default 70/15/15), each group shuffled first; so every
+    (class, stain) gets about those shares, and with the defaults every class
+    gets all three splits from two patches per (class, stain) on.
     """
+    _check_fractions(val_fraction, test_fraction)
     out: dict[tuple[str, str, int], str] = {}
-    names = [s for s, _ in SPLIT_FRACTIONS]
-    fracs = np.array([f for _, f in SPLIT_FRACTIONS])
+    names = ["train", "val", "test"]
+    fracs = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
     for ci, label in enumerate(CLASS_NAMES):
         counts = np.zeros(len(names))
         k = 0
@@ -100,6 +123,51 @@ def assign_synthetic_splits(
                 k += 1
                 out[(label, stain, int(i))] = names[j]
     return out
+
+
+def dataset_stamp(
+    n_per_class_stain: int,
+    size: int = 128,
+    seed: int = 0,
+    shift: float = 0.0,
+    *,
+    mpp: float = NOMINAL_MPP,
+    style: str = "a",
+    supersample: int = 1,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
+) -> dict:
+    """What ``synthetic.json`` records: every setting the files depend on, and the versions."""
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "style": style,
+        "supersample": supersample,
+        "n_per_class_stain": n_per_class_stain,
+        "size": size,
+        "seed": seed,
+        "shift": shift,
+        "mpp": mpp,
+        "style_b_version": STYLE_B_VERSION,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+    }
+
+
+def dataset_is_current(out_dir: str | os.PathLike, **settings) -> bool:
+    """Whether ``out_dir`` holds a complete dataset generated with exactly these settings.
+
+    ``settings`` are :func:`generate_dataset`'s (``workers`` aside, which does
+    not change the files). Complete means manifest.csv is there (written last).
+    """
+    settings.pop("workers", None)
+    root = Path(out_dir)
+    if not (root / "manifest.csv").is_file():
+        return False
+    try:
+        found = json.loads((root / STAMP_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return found == json.loads(json.dumps(dataset_stamp(**settings)))
 
 
 def _check_dataset_args(
@@ -140,6 +208,8 @@ def generate_dataset(
     mpp: float = NOMINAL_MPP,
     style: str = "a",
     supersample: int = 1,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
 ) -> Path:
     """Write images/, masks/ and manifest.csv for 5 classes x 3 stains x n patches.
 
@@ -148,12 +218,18 @@ def generate_dataset(
     (:func:`render_supersampled`), as a scanner's pyramid levels are.
 
     ``style`` is ``a``, ``b`` or ``mix`` (see :data:`STYLES`); the manifest's
-    ``style`` column says which drew each patch. The manifest is written last
-    (atomically), so its presence means the dataset is complete. Returns the
-    manifest path.
+    ``style`` column says which drew each patch, its ``split`` column holds
+    ``val_fraction`` and ``test_fraction`` of each class and stain for
+    validation and test. A manifest or stamp already in ``out_dir`` is removed
+    first and the manifest is written last (atomically), so its presence means
+    the dataset is complete. Returns the manifest path.
     """
     _check_dataset_args(n_per_class_stain, size, shift, workers, style, supersample)
+    _check_fractions(val_fraction, test_fraction)
     root = Path(out_dir)
+    manifest = root / "manifest.csv"
+    for stale in (manifest, root / STAMP_NAME):  # an interrupted run must not look complete
+        stale.unlink(missing_ok=True)
     for label in CLASS_NAMES:
         (root / "images" / label).mkdir(parents=True, exist_ok=True)
         (root / "masks" / label).mkdir(parents=True, exist_ok=True)
@@ -167,19 +243,19 @@ def generate_dataset(
     jobs = [(str(root), tasks[j : j + chunk], *settings) for j in range(0, len(tasks), chunk)]
     for _ in map_in_workers(_render_chunk, jobs, workers, ordered=False):
         pass
-    splits = assign_synthetic_splits(n_per_class_stain, seed)
-    stamp = {
-        "generator_version": GENERATOR_VERSION,
-        "style": style,
-        "supersample": supersample,
-        "n_per_class_stain": n_per_class_stain,
-        "size": size,
-        "seed": seed,
-        "shift": shift,
-        "mpp": mpp,
-    }
-    atomic_write_text(root / "synthetic.json", json.dumps(stamp, indent=2) + "\n")
-    manifest = root / "manifest.csv"
+    splits = assign_synthetic_splits(n_per_class_stain, seed, val_fraction, test_fraction)
+    stamp = dataset_stamp(
+        n_per_class_stain,
+        size,
+        seed,
+        shift,
+        mpp=mpp,
+        style=style,
+        supersample=supersample,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
+    atomic_write_text(root / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
     atomic_write_text(manifest, _manifest_text(tasks, splits, mpp, style))
     return manifest
 
