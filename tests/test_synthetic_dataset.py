@@ -59,8 +59,22 @@ def test_generate_dataset_writes_the_fractions_and_a_matching_stamp(tmp_path) ->
         got = Counter(r["split"] for r in rows if r["label"] == label)
         assert got == {"train": 3, "val": 2, "test": 1}
     stamp = json.loads((tmp_path / STAMP_NAME).read_text())
-    assert stamp == json.loads(json.dumps(dataset_stamp(2, **settings)))
+    assert stamp == json.loads(json.dumps(dataset_stamp(n_per_class_stain=2, **settings)))
     assert stamp["val_fraction"] == 0.3 and stamp["test_fraction"] == 0.2
+    # every argument that changes the files, and both renderers' versions
+    assert set(stamp) == {
+        "generator_version",
+        "style_b_version",
+        "n_per_class_stain",
+        "size",
+        "seed",
+        "shift",
+        "mpp",
+        "style",
+        "supersample",
+        "val_fraction",
+        "test_fraction",
+    }
     assert dataset_is_current(tmp_path, n_per_class_stain=2, workers=4, **settings)
     # any other setting, another fraction included, does not match
     assert not dataset_is_current(tmp_path, n_per_class_stain=2, **{**settings, "seed": 3})

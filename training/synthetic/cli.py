@@ -75,27 +75,15 @@ def run_synth(args) -> int:
         return _run_synth_region(args, region, stain or "he")
     if stain is not None:
         raise ConfigError("--stain applies only with --region (a dataset holds all three stains)")
+    look = {"size": args.size, "seed": args.seed, "shift": args.shift, "mpp": args.mpp}
+    look["style"] = args.style  # the sheet shows patches exactly as the dataset draws them
+    supersample = getattr(args, "supersample", 1)
     manifest = generate_dataset(
-        args.out,
-        args.n_per_class_stain,
-        size=args.size,
-        seed=args.seed,
-        shift=args.shift,
-        workers=args.workers,
-        mpp=args.mpp,
-        style=args.style,
-        supersample=getattr(args, "supersample", 1),
+        args.out, args.n_per_class_stain, workers=args.workers, supersample=supersample, **look
     )
     n = args.n_per_class_stain * len(CLASS_NAMES) * len(STAIN_NAMES)
     print(f"wrote {n} patches ({args.size} px, {args.mpp} um/px) and {manifest}")
     if getattr(args, "sheet", None):
-        sheet = contact_sheet(
-            args.sheet,
-            size=args.size,
-            seed=args.seed,
-            shift=args.shift,
-            mpp=args.mpp,
-            style=args.style,
-        )
+        sheet = contact_sheet(args.sheet, **look)
         print(f"wrote contact sheet {sheet}")
     return 0

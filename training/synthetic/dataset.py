@@ -10,19 +10,20 @@ made with, so a cached one can be reused only when they match
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from calcinosis.model.errors import ConfigError, DataError
+from calcinosis.model.errors import ConfigError
 from calcinosis.model.fileio import atomic_write_text
 from calcinosis.model.labels import CLASS_NAMES, STAIN_NAMES
 
+from .codec import write_png
 from .contract import GENERATOR_VERSION, NOMINAL_MPP
 from .patches import (
     check_style,
@@ -45,19 +46,6 @@ TEST_FRACTION = 0.15
 # one chunk of patches for a worker: (out_dir, [(label, stain, i)], seed, size, shift,
 # mpp, style, supersample)
 _Chunk = tuple[str, list[tuple[str, str, int]], int, int, float, float, str, int]
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    """An RGB or label image as PNG (OpenCV, compression 3: the committed fixtures' bytes)."""
-    img = arr[:, :, ::-1] if arr.ndim == 3 else arr
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise DataError("could not encode a PNG (OpenCV imencode failed)")
-    return buf.tobytes()
-
-
-def write_png(path: Path, arr: np.ndarray) -> None:
-    path.write_bytes(png_bytes(arr))
 
 
 def _rel_paths(label: str, stain: str, i: int) -> tuple[str, str]:
@@ -125,32 +113,14 @@ def assign_synthetic_splits(
     return out
 
 
-def dataset_stamp(
-    n_per_class_stain: int,
-    size: int = 128,
-    seed: int = 0,
-    shift: float = 0.0,
-    *,
-    mpp: float = NOMINAL_MPP,
-    style: str = "a",
-    supersample: int = 1,
-    val_fraction: float = VAL_FRACTION,
-    test_fraction: float = TEST_FRACTION,
-) -> dict:
-    """What ``synthetic.json`` records: every setting the files depend on, and the versions."""
-    return {
-        "generator_version": GENERATOR_VERSION,
-        "style": style,
-        "supersample": supersample,
-        "n_per_class_stain": n_per_class_stain,
-        "size": size,
-        "seed": seed,
-        "shift": shift,
-        "mpp": mpp,
-        "style_b_version": STYLE_B_VERSION,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-    }
+def dataset_stamp(**settings) -> dict:
+    """What ``synthetic.json`` records: the renderers' versions and every argument of
+    :func:`generate_dataset` given in ``settings``, its defaults filled in (``out_dir``
+    and ``workers`` aside: they do not change the files)."""
+    bound = inspect.signature(generate_dataset).bind(None, **settings)
+    bound.apply_defaults()
+    args = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "workers")}
+    return {"generator_version": GENERATOR_VERSION, "style_b_version": STYLE_B_VERSION, **args}
 
 
 def dataset_is_current(out_dir: str | os.PathLike, **settings) -> bool:
@@ -159,7 +129,6 @@ def dataset_is_current(out_dir: str | os.PathLike, **settings) -> bool:
     ``settings`` are :func:`generate_dataset`'s (``workers`` aside, which does
     not change the files). Complete means manifest.csv is there (written last).
     """
-    settings.pop("workers", None)
     root = Path(out_dir)
     if not (root / "manifest.csv").is_file():
         return False
@@ -224,6 +193,8 @@ def generate_dataset(
     first and the manifest is written last (atomically), so its presence means
     the dataset is complete. Returns the manifest path.
     """
+    # the stamp first, while locals() holds nothing but the arguments
+    stamp = dataset_stamp(**{k: v for k, v in locals().items() if k != "out_dir"})
     _check_dataset_args(n_per_class_stain, size, shift, workers, style, supersample)
     _check_fractions(val_fraction, test_fraction)
     root = Path(out_dir)
@@ -244,17 +215,6 @@ def generate_dataset(
     for _ in map_in_workers(_render_chunk, jobs, workers, ordered=False):
         pass
     splits = assign_synthetic_splits(n_per_class_stain, seed, val_fraction, test_fraction)
-    stamp = dataset_stamp(
-        n_per_class_stain,
-        size,
-        seed,
-        shift,
-        mpp=mpp,
-        style=style,
-        supersample=supersample,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-    )
     atomic_write_text(root / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
     atomic_write_text(manifest, _manifest_text(tasks, splits, mpp, style))
     return manifest

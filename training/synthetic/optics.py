@@ -18,6 +18,8 @@ import numpy as np
 
 from calcinosis.model.labels import STAIN_NAMES
 
+from .codec import scanner_jpeg
+
 if TYPE_CHECKING:
     from .scene import Scene, TileContext
 
@@ -249,9 +251,4 @@ def transmitted_light(
     if lab["blur"] > 0.15:
         img = cv2.GaussianBlur(img, (0, 0), lab["blur"])
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(lab["noise"])
-    rgb = np.clip(img + 0.5, 0, 255).astype(np.uint8)
-    if lab["jpeg"]:
-        ok, buf = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, lab["jpeg"]])
-        if ok:
-            rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
-    return np.ascontiguousarray(rgb)
+    return scanner_jpeg(np.clip(img + 0.5, 0, 255).astype(np.uint8), lab["jpeg"])

@@ -10,8 +10,8 @@ import numpy as np
 
 from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_COLORS, STAIN_NAMES
 
+from .codec import write_png
 from .contract import NOMINAL_MPP
-from .dataset import write_png
 from .patches import check_style, patch_seed, patch_style, renderer
 
 

@@ -7,6 +7,7 @@ import math
 import cv2
 import numpy as np
 
+from ..codec import scanner_jpeg
 from .canvas import TWO_PI, Canvas, pick_one
 from .layout import Layout
 
@@ -57,12 +58,7 @@ def finish(cv: Canvas, lay: Layout, sc: dict, shift: float) -> np.ndarray:
     # cheaper to draw than Gaussian noise)
     noise = (rng.random(rgb.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(3.4641)
     rgb = rgb + noise * (sc["noise"] * np.sqrt(np.maximum(rgb, 0)) + 0.6)
-    out = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-    if sc["jpeg"]:
-        ok, buf = cv2.imencode(".jpg", out[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, sc["jpeg"]])
-        if ok:
-            out = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
-    return np.ascontiguousarray(out)
+    return scanner_jpeg(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), sc["jpeg"])
 
 
 def _section_thickness(cv: Canvas, sc: dict) -> np.ndarray:
