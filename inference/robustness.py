@@ -88,8 +88,8 @@ def real_patch_rows(
     ``error``) with the colour baseline's count of the same patches beside it
     when ``train_manifest`` is given.
     """
-    from calcinosis.training.data import read_manifest
-    from calcinosis.training.evaluate import _colour_baseline
+    from calcinosis.model.baseline import colour_baseline
+    from calcinosis.model.manifest import read_manifest
 
     from .predictor import Predictor
 
@@ -110,7 +110,7 @@ def real_patch_rows(
         if len({r.label for r in train_rows}) >= 2:
             # the baseline sees the patches the network could read; the rest stay "error"
             readable = [i for i, c in enumerate(calls) if c != "error"]
-            probs, base_note = _colour_baseline(
+            probs, base_note = colour_baseline(
                 train_rows, [samples[i] for i in readable], class_names
             )
             if probs is not None:
