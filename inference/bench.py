@@ -8,9 +8,10 @@ the next. Each worker reports:
   timed forward passes after warm-up; the model only, input already normalised);
 * latency: median and 95th percentile of single-patch forward passes;
 * peak RSS of the process;
-* agreement with the baseline (PyTorch fp32 eager, NCHW): share of a fixed set
-  of synthetic patches with the same predicted class, and share of deposit
-  pixels with the same label.
+* agreement with the baseline (PyTorch fp32 eager, NCHW): share of the
+  patches given with ``--images`` (a folder, a manifest or a ``.npy`` array;
+  ``benchmarks/bench_infer.py`` makes synthetic ones) with the same predicted
+  class, and share of deposit pixels with the same label.
 
 Then the end-to-end rate of ``calcinosis predict`` on a folder of PNGs
 (decode, tissue and focus checks, model, overlays, GeoJSON, tables) with the
@@ -18,12 +19,14 @@ fastest backend is compared with that backend's pure model rate.
 
 Everything runs one pass per patch (``--tta none``), whatever the
 checkpoint's default: test-time augmentation ``d4`` multiplies the model's
-share of the time by eight.
+share of the time by eight. Patches go through the checkpoint's own
+preprocessing (``model/preprocess.py``) before the timed model runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError
+from calcinosis.model.preprocess import Preprocessing
 
 BASELINE = "torch-eager"
 DEFAULT_BACKENDS = ("torch-eager", "torch", "torch-bf16", "onnx", "onnx-int8")
@@ -46,12 +50,15 @@ def run_bench(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: measure, print one table, optionally write JSON."""
     from calcinosis.model import read_checkpoint_metadata
 
-    from .predictor import BACKENDS, _meta_input_size
+    from .inputs import load_images
+    from .predictor import BACKENDS
 
     ckpt = Path(args.checkpoint)
     meta = read_checkpoint_metadata(ckpt)
-    size = int(getattr(args, "size", None) or _meta_input_size(meta))
-    model_size = _meta_input_size(meta)
+    spec = Preprocessing.from_metadata(meta)
+    model_size = spec.input_size
+    size = int(getattr(args, "size", None) or model_size)
+    source = _images_source(getattr(args, "images", None))
     backends = [
         b.strip()
         for b in str(getattr(args, "backends", ",".join(DEFAULT_BACKENDS))).split(",")
@@ -64,7 +71,9 @@ def run_bench(args: argparse.Namespace) -> int:
         backends.insert(0, BASELINE)
     batch = max(1, int(getattr(args, "batch_size", 32)))
     iters = max(1, int(getattr(args, "iters", 10)))
-    n_images = max(1, int(getattr(args, "images", 64)))
+    n_images = max(1, int(getattr(args, "n_images", 64)))
+    raw = load_images([source], limit=n_images)
+    calibration_source = getattr(args, "int8_calibration", None)
 
     print(
         f"calcinosis bench: {ckpt} ({meta.get('model', {}).get('backbone', '?')}, {size} px), "
@@ -72,9 +81,10 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="calcinosis-bench-") as td:
         tmp = Path(td)
-        images = _synthetic_images(n_images, size)
-        data = tmp / "images.npy"
-        np.save(data, images)
+        # The network inputs, preprocessed once here: the workers time the model only.
+        bench_spec = dataclasses.replace(spec, input_size=size)
+        data = tmp / "inputs.npy"
+        np.save(data, np.stack([bench_spec.apply(im)[0] for im in raw]))
 
         # Exports happen here, once, so no worker times them.
         export_s: dict[str, float] = {}
@@ -88,11 +98,17 @@ def run_bench(args: argparse.Namespace) -> int:
                     continue
                 from .export import cached_onnx
 
+                calibration = None
+                if b == "onnx-int8":
+                    calibration = (
+                        load_images([calibration_source], limit=64) if calibration_source else raw
+                    )
                 t0 = time.perf_counter()
                 onnx_files[b] = cached_onnx(
                     ckpt,
                     tmp / f"model{'.int8' if b == 'onnx-int8' else ''}.onnx",
                     quantize=b == "onnx-int8",
+                    calibration=calibration,
                 )
                 export_s[b] = time.perf_counter() - t0
         results: dict[str, dict[str, Any]] = {}
@@ -145,7 +161,7 @@ def run_bench(args: argparse.Namespace) -> int:
             e2e = _end_to_end(
                 ckpt if fastest not in onnx_files else onnx_files[fastest],
                 fastest,
-                images,
+                raw,
                 tmp,
                 batch,
             )
@@ -158,7 +174,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     100.0 * e2e["rate_tables_only"] / e2e["model_rate"]
                 )
 
-    _print_table(results, e2e, batch, len(images))
+    _print_table(results, e2e, batch, len(raw), source)
     if getattr(args, "json", None):
         Path(args.json).write_text(
             json.dumps(
@@ -196,13 +212,13 @@ def _run_worker(job: dict[str, Any]) -> dict[str, Any]:
 def _worker_model(job: dict[str, Any]) -> dict[str, Any]:
     from .predictor import Predictor
 
-    images = np.load(job["data"])
+    inputs = np.load(job["data"])  # preprocessed float32 NHWC
     bs = int(job["batch_size"])
     iters = int(job["iters"])
     pred = Predictor.from_checkpoint(job["checkpoint"], backend=job["backend"], batch_size=bs)
     engine = pred.engine
-    reps = -(-bs // len(images))
-    xb = pred._normalise(np.concatenate([images] * reps)[:bs])
+    reps = -(-bs // len(inputs))
+    xb = np.ascontiguousarray(np.concatenate([inputs] * reps)[:bs])
     t0 = time.perf_counter()
     engine(xb)  # first call: graph building, allocator warm-up (and compilation)
     first_s = time.perf_counter() - t0
@@ -223,8 +239,8 @@ def _worker_model(job: dict[str, Any]) -> dict[str, Any]:
         engine(x1)
         lat.append(time.perf_counter() - t0)
     cls_all, dep_all = [], []
-    for i in range(0, len(images), bs):
-        c, _, d = engine(pred._normalise(images[i : i + bs]))
+    for i in range(0, len(inputs), bs):
+        c, _, d = engine(inputs[i : i + bs])
         cls_all.append(c)
         dep_all.append(d.argmax(1).astype(np.uint8))
     np.savez(job["out"], cls=np.concatenate(cls_all), dep=np.concatenate(dep_all))
@@ -276,7 +292,7 @@ def _worker_e2e(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _end_to_end(
-    ckpt: Path, backend: str, images: np.ndarray, tmp: Path, batch: int
+    ckpt: Path, backend: str, images: list[np.ndarray], tmp: Path, batch: int
 ) -> dict[str, Any]:
     """``calcinosis predict`` on a folder of PNGs, with and without overlays/GeoJSON."""
     from calcinosis.training.imageio import write_png
@@ -330,25 +346,31 @@ def _vm_hwm_mb() -> float | None:
         return None
 
 
-def _synthetic_images(n: int, size: int) -> np.ndarray:
-    """A fixed set of synthetic patches cycling through every class and stain."""
-    try:
-        from calcinosis.model.labels import CLASS_NAMES, STAIN_NAMES
-        from calcinosis.training.synthetic import render_patch
-
-        pairs = [(c, s) for c in CLASS_NAMES for s in STAIN_NAMES]
-        return np.stack(
-            [render_patch(*pairs[i % len(pairs)], seed=20_000 + i, size=size)[0] for i in range(n)]
+def _images_source(value: Any) -> str:
+    """``--images``: a folder, manifest or ``.npy`` of patches; a bare count is the old form."""
+    if value is None:
+        raise CalcinosisError(
+            "bench needs patches to measure on: --images DIR (a folder or manifest of patches, "
+            "or a .npy array; python benchmarks/bench_infer.py makes synthetic ones)"
         )
-    except ImportError:  # the generator is optional for benchmarking
-        return np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    text = str(value)
+    if text.isdigit() and not Path(text).exists():
+        raise CalcinosisError(
+            f"--images {text}: --images names the patches to measure on (a folder, manifest or "
+            f".npy array); the number of them is --n-images {text}"
+        )
+    return text
 
 
 # --------------------------------------------------------------------------- report
 
 
 def _print_table(
-    results: dict[str, dict[str, Any]], e2e: dict[str, Any] | None, batch: int, n: int
+    results: dict[str, dict[str, Any]],
+    e2e: dict[str, Any] | None,
+    batch: int,
+    n: int,
+    source: str,
 ) -> None:
     base = results.get(BASELINE, {}).get("throughput")
     cols = [
@@ -385,7 +407,7 @@ def _print_table(
         (r.get("confident_images") for r in results.values() if "confident_images" in r), None
     )
     print(
-        f"agreement with {BASELINE} on {n} synthetic patches: same class; (confident) = only "
+        f"agreement with {BASELINE} on {n} patches of {source}: same class; (confident) = only "
         f"patches whose fp32 top-2 probability margin is >= 0.2"
         + (f" ({conf} of {n})" if conf else "")
         + "; max |dp| = largest change of a class probability; same deposit label per pixel"

@@ -2,21 +2,29 @@
 
 The ONNX file has a dynamic batch axis and a fixed square input of the
 model's size; its ``metadata_props`` hold the checkpoint metadata JSON under
-``"calcinosis"`` (class names, stain names, deposit labels, mean, std, mpp,
-temperature, thresholds) plus the SHA-256 of the checkpoint it came from, so
-ONNX Runtime alone can run it with the right preprocessing and calibration.
+``"calcinosis"`` (class names, stain names, deposit labels, the
+``preprocessing`` section, temperature, thresholds) plus the SHA-256 of the
+checkpoint it came from, so ONNX Runtime alone can run it with the right
+preprocessing and calibration.
+
+Static int8 quantisation measures activation ranges on calibration images
+that the caller provides (``calcinosis export --int8 --int8-calibration
+DIR``): patches of the tissue the model will see, preprocessed exactly as
+prediction preprocesses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +32,15 @@ import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, CheckpointError
 from calcinosis.model.fileio import atomic_path
+from calcinosis.model.preprocess import PREPROCESSING_KEY, Preprocessing
 
 log = logging.getLogger(__name__)
 
 #: Below this share of calibration patches keeping their fp32 class, int8 is flagged.
 INT8_MIN_AGREEMENT = 0.95
+#: At most this many calibration images are read (evenly spread over what is given):
+#: activation ranges settle after a few dozen patches.
+INT8_CALIBRATION_IMAGES = 64
 
 #: Key of the metadata JSON inside the ONNX model's metadata_props.
 ONNX_METADATA_KEY = "calcinosis"
@@ -50,15 +62,15 @@ def export_onnx(
 
     from calcinosis.model import load_checkpoint
 
-    from .predictor import _meta_input_size, file_digest
-
     checkpoint = Path(checkpoint)
     onnx_path = Path(onnx_path)
     model, meta = load_checkpoint(checkpoint, device="cpu")
-    size = _meta_input_size(meta)
+    spec = Preprocessing.from_metadata(meta)
+    size = spec.input_size
     wrapper = _output_tuple(model).eval()  # eval() on the wrapper too: export restores its mode
     example = torch.zeros(2, model.config.in_chans, size, size)
     meta = dict(meta)
+    meta[PREPROCESSING_KEY] = spec.to_dict()  # older checkpoints: made from their other keys
     meta["input_size"] = size
     meta["source_checkpoint"] = checkpoint.name
     meta["source_checkpoint_sha256"] = file_digest(checkpoint)
@@ -76,15 +88,16 @@ def export_onnx(
 def quantize_onnx(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    calibration: list[np.ndarray] | None = None,
+    calibration: Sequence[np.ndarray],
 ) -> Path:
     """Static int8 quantisation (QDQ, per-channel 7-bit weights) calibrated on tissue patches.
 
     Dynamic quantisation leaves convolutions slower than fp32 in ONNX Runtime;
-    static quantisation with activation ranges measured on ``calibration``
-    images (uint8 RGB; default: synthetic patches of every class and stain)
-    runs the convolutions as int8. Check the agreement with fp32 (``calcinosis
-    bench`` reports it) before relying on it.
+    static quantisation with activation ranges measured on the ``calibration``
+    images (uint8 RGB patches at the model's mpp, of every class and stain the
+    model will meet; any size: they are fitted like every input) runs the
+    convolutions as int8. Check the agreement with fp32 (``calcinosis bench``
+    reports it) before relying on it.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -96,15 +109,18 @@ def quantize_onnx(
     )
 
     src, dst = Path(src), Path(dst)
+    images = list(calibration)
+    if not images:
+        raise CalcinosisError(
+            "int8 quantisation needs calibration images (patches of the tissue the model will "
+            "see); pass them with --int8-calibration DIR (a folder or a manifest)"
+        )
     meta = json.loads(_get_metadata(onnx.load(str(src))))
-    size = int(meta["input_size"])
-    images = calibration if calibration else calibration_images(size)
-    mean = np.asarray(meta.get("mean") or (0.485, 0.456, 0.406), np.float32)
-    std = np.asarray(meta.get("std") or (0.229, 0.224, 0.225), np.float32)
+    spec = Preprocessing.from_metadata(meta)
     batches = []
     for i in range(0, len(images), 8):
-        chunk = np.stack([_fit(im, size) for im in images[i : i + 8]]).astype(np.float32)
-        batches.append({"image": ((chunk / 255.0 - mean) / std).transpose(0, 3, 1, 2).copy()})
+        chunk = np.stack([spec.apply(im)[0] for im in images[i : i + 8]])
+        batches.append({"image": np.ascontiguousarray(chunk.transpose(0, 3, 1, 2))})
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -178,42 +194,22 @@ def _class_agreement(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]
     return same / max(total, 1)
 
 
-def calibration_images(size: int, n_per_pair: int = 4, seed: int = 10_000) -> list[np.ndarray]:
-    """Synthetic patches of every class and stain (the generator is deterministic)."""
-    from calcinosis.model.labels import CLASS_NAMES, STAIN_NAMES
-    from calcinosis.training.synthetic import render_patch
-
-    return [
-        render_patch(c, s, seed + i, size=size)[0]
-        for c in CLASS_NAMES
-        for s in STAIN_NAMES
-        for i in range(n_per_pair)
-    ]
-
-
-def _fit(im: np.ndarray, size: int) -> np.ndarray:
-    if im.shape[:2] == (size, size):
-        return im
-    import cv2
-
-    return cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
-
-
 def cached_onnx(
     checkpoint: str | os.PathLike[str],
     onnx_path: str | os.PathLike[str] | None = None,
     *,
     quantize: bool = False,
+    calibration: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """An ONNX export of ``checkpoint``, re-exported only when the checkpoint changed.
 
     Default location: ``<checkpoint>.onnx`` beside the checkpoint (``.int8.onnx``
     when quantised), or a per-user temp folder when the checkpoint's folder is
     read-only. A cached file is reused only if its recorded checkpoint SHA-256
-    matches.
+    matches. A quantised file that is not cached yet needs ``calibration``
+    images (see :func:`quantize_onnx`); without them the error says how to
+    make one with ``calcinosis export --int8``.
     """
-    from .predictor import file_digest
-
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist (or is not a file)")
@@ -233,10 +229,18 @@ def cached_onnx(
     if target.is_file() and _onnx_source_digest(target) == digest:
         return target
     if quantize:
+        if not calibration:
+            fp32 = checkpoint.with_name(checkpoint.stem + ".onnx")
+            raise CalcinosisError(
+                f"no int8 ONNX file of {checkpoint} at {target} yet, and int8 quantisation needs "
+                "calibration images: make it once with 'calcinosis export --checkpoint "
+                f"{checkpoint} --onnx {fp32} --int8 --int8-calibration DIR' (DIR: patches of "
+                "the tissue the model will see, e.g. its training images), then run again"
+            )
         fp32 = cached_onnx(
             checkpoint, None if onnx_path is None else target.with_suffix(".fp32.onnx")
         )
-        return quantize_onnx(fp32, target)
+        return quantize_onnx(fp32, target, calibration)
     return export_onnx(checkpoint, target)
 
 
@@ -249,34 +253,23 @@ def check_parity(
 ) -> dict[str, float]:
     """Largest absolute difference per output between PyTorch fp32 and ONNX Runtime.
 
-    ``images`` are uint8 RGB arrays of the model's input size; random images are
-    used when none are given.
+    ``images`` are uint8 RGB arrays (any size: preprocessed as prediction
+    does); random images of the input size are used when none are given.
     """
     import onnxruntime as ort
     import torch
 
     from calcinosis.model import load_checkpoint
 
-    from .predictor import _meta_input_size
-
     model, meta = load_checkpoint(checkpoint, device="cpu")
-    s = _meta_input_size(meta)
+    spec = Preprocessing.from_metadata(meta)
+    s = spec.input_size
     if images:
-        import cv2
-
-        batch = np.stack(
-            [
-                cv2.resize(im, (s, s), interpolation=cv2.INTER_AREA)
-                if im.shape[:2] != (s, s)
-                else im
-                for im in images
-            ]
-        )
+        nhwc = np.stack([spec.apply(im)[0] for im in images])
     else:
         batch = np.random.default_rng(seed).integers(0, 256, (n_random, s, s, 3), dtype=np.uint8)
-    mean = np.asarray(meta.get("mean") or model.data_config["mean"], np.float32)
-    std = np.asarray(meta.get("std") or model.data_config["std"], np.float32)
-    x = ((batch.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2).copy()
+        nhwc = spec.normalize(batch)
+    x = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
     with torch.inference_mode():
         ref = model(torch.from_numpy(x))
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -295,11 +288,28 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.onnx)
     if out.suffix.lower() != ".onnx":
         raise CalcinosisError(f"--onnx must end in .onnx, got {out}")
+    int8 = getattr(args, "int8", False)
+    source = getattr(args, "int8_calibration", None)
+    calibration: list[np.ndarray] = []
+    if int8:
+        if not source:
+            raise CalcinosisError(
+                "--int8 needs calibration images: add --int8-calibration DIR (a folder or a "
+                "manifest of patches of the tissue the model will see, e.g. its training data)"
+            )
+        from .inputs import load_images
+
+        calibration = load_images([source], limit=INT8_CALIBRATION_IMAGES)
+    elif source:
+        raise CalcinosisError("--int8-calibration is only used with --int8; add --int8")
     export_onnx(args.checkpoint, out, opset=getattr(args, "opset", OPSET))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    if getattr(args, "int8", False):
-        q = quantize_onnx(out, out.with_name(out.stem + ".int8.onnx"))
-        print(f"wrote {q} (static int8; check its agreement with 'calcinosis bench')")
+    if int8:
+        q = quantize_onnx(out, out.with_name(out.stem + ".int8.onnx"), calibration)
+        print(
+            f"wrote {q} (static int8, calibrated on {len(calibration)} images of {source}; "
+            "check its agreement with 'calcinosis bench')"
+        )
     if not getattr(args, "no_check", False):
         diffs = check_parity(args.checkpoint, out)
         worst = max(diffs.values())
@@ -311,6 +321,33 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"warning: ONNX output differs from PyTorch by {worst:.2e} (> 1e-3)")
             return 1
     return 0
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint metadata stored in an exported ONNX file's ``metadata_props``."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path} could not be loaded by ONNX Runtime: {exc}") from exc
+    props = sess.get_modelmeta().custom_metadata_map
+    raw = props.get(ONNX_METADATA_KEY)
+    if raw is None:
+        raise CheckpointError(
+            f"{path} is an ONNX model without calcinosis metadata; export it with "
+            "'calcinosis export' so it carries its class names and preprocessing"
+        )
+    return json.loads(raw)
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, hex (identifies the checkpoint an export came from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -45,19 +45,20 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calcinosis.model.errors import CalcinosisError, DataError
+from calcinosis.model.errors import CalcinosisError
 from calcinosis.model.fileio import atomic_write, atomic_write_text
 from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS
 
+from .inputs import InputItem, collect_inputs
 from .overlay import PNG_COMPRESSION
-from .predictor import BACKENDS, PatchResult, Predictor
+from .predictor import BACKENDS, Predictor
+from .result import PatchResult, error_reason
 
 #: Exit status when some inputs failed (the others were still processed).
 EXIT_SOME_FAILED = 3
@@ -76,136 +77,6 @@ _WINDOWS_RESERVED = {
     *(f"com{i}" for i in range(1, 10)),
     *(f"lpt{i}" for i in range(1, 10)),
 }
-
-
-@dataclass
-class InputItem:
-    """One image to predict, with where it was listed."""
-
-    path: Path
-    mpp: float | None = None
-    source: str = ""  # the argument (file, folder or manifest) that named it
-    error: str | None = None  # known before reading (missing file, bad manifest row)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def collect_inputs(
-    inputs: Sequence[str | os.PathLike[str]],
-    exclude: Path | None = None,
-    default_mpp: float | None = None,
-    split: str | None = None,
-) -> list[InputItem]:
-    """Expand files, folders (recursive) and CSV manifests into a list of images.
-
-    Folders contribute every file whose extension (any case) is an image
-    extension, in sorted order; files under ``exclude`` (the output folder) are
-    skipped so a re-run never predicts its own overlays. A manifest needs a
-    ``path`` column (relative paths are relative to the manifest) and may have
-    an ``mpp`` column; with ``split``, only its rows of that split (a ``split``
-    column) are taken. A path that does not exist becomes an error row.
-    """
-    from calcinosis.training.imageio import IMAGE_EXTENSIONS
-
-    from .slide import SLIDE_ONLY_EXTENSIONS
-
-    extensions = IMAGE_EXTENSIONS | SLIDE_ONLY_EXTENSIONS
-    items: list[InputItem] = []
-    excl = exclude.resolve() if exclude is not None else None
-    for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(
-                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions),
-                key=lambda f: str(f).lower(),
-            )
-            if excl is not None:
-                found = [f for f in found if not _is_within(f.resolve(), excl)]
-            if not found:
-                print(f"warning: no images found in folder {p}", file=sys.stderr)
-            items.extend(InputItem(f, default_mpp, str(raw)) for f in found)
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            items.extend(_read_manifest(p, default_mpp, split))
-        elif p.is_file():
-            items.append(InputItem(p, default_mpp, str(raw)))
-        else:
-            items.append(
-                InputItem(
-                    p,
-                    default_mpp,
-                    str(raw),
-                    error=f"input {p} does not exist (no such file or folder)",
-                )
-            )
-    # The same file listed twice is predicted once.
-    seen: set[str] = set()
-    unique: list[InputItem] = []
-    for it in items:
-        key = str(it.path.resolve()) if it.error is None else f"missing:{it.path}"
-        if key not in seen:
-            seen.add(key)
-            unique.append(it)
-    return unique
-
-
-def _read_manifest(
-    path: Path, default_mpp: float | None, split: str | None = None
-) -> list[InputItem]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-            if "path" not in fields:
-                raise DataError(
-                    f"manifest {path} has no 'path' column (columns: {', '.join(fields) or 'none'}); "
-                    "add a header row with a 'path' column naming the images"
-                )
-            if split is not None and "split" not in fields:
-                raise DataError(
-                    f"manifest {path} has no 'split' column, so --split {split} cannot select "
-                    "rows; drop --split or add the column"
-                )
-            rows = list(reader)
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"manifest {path} is not UTF-8 text ({exc}); save it as UTF-8 CSV"
-        ) from None
-    items = []
-    for i, row in enumerate(rows, start=2):  # row 1 is the header
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-        if split is not None and row.get("split", "") != split:
-            continue
-        rel = row.get("path", "")
-        src = f"{path}:{i}"
-        if not rel:
-            items.append(
-                InputItem(path / f"<row {i}>", default_mpp, src, error=f"{src}: empty 'path'")
-            )
-            continue
-        p = Path(rel)
-        if not p.is_absolute():
-            p = path.parent / p
-        mpp = default_mpp
-        if row.get("mpp"):
-            try:
-                mpp = float(row["mpp"])
-            except ValueError:
-                items.append(
-                    InputItem(p, None, src, error=f"{src}: mpp {row['mpp']!r} is not a number")
-                )
-                continue
-        err = None if p.is_file() else f"{src}: image {p} does not exist"
-        items.append(InputItem(p, mpp, src, error=err))
-    return items
-
-
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------- names
@@ -609,7 +480,7 @@ def _read(
         raise
     except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so, with its traceback
         traceback.print_exc(file=sys.stderr)
-        raise CalcinosisError(f"internal error: {_reason(exc)}") from exc
+        raise CalcinosisError(f"internal error: {error_reason(exc)}") from exc
 
 
 def _pixels(value: Any) -> np.ndarray | None:
@@ -636,7 +507,7 @@ def _predict_chunk(
     out: dict[int, PatchResult] = {}
     for k in keys:
         if isinstance(images[k], BaseException):
-            out[k] = PatchResult(status="error", reason=_reason(images[k]))
+            out[k] = PatchResult(status="error", reason=error_reason(images[k]))
     if good:
         values = [images[k] for k in good]
         try:
@@ -651,7 +522,9 @@ def _predict_chunk(
                     out[k] = predictor.predict(_pixels(images[k]), mpp=items[keys.index(k)].mpp)
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc(file=sys.stderr)
-                    out[k] = PatchResult(status="error", reason=f"internal error: {_reason(exc)}")
+                    out[k] = PatchResult(
+                        status="error", reason=f"internal error: {error_reason(exc)}"
+                    )
     return [out[k] for k in keys]
 
 
@@ -677,15 +550,10 @@ def _predict_slide(
             overlay_side=overlay_side,
         )
     except (CalcinosisError, OSError, ValueError) as exc:
-        return PatchResult(status="error", reason=_reason(exc)), None
+        return PatchResult(status="error", reason=error_reason(exc)), None
     except Exception as exc:  # noqa: BLE001 - one broken slide must not stop the run
         traceback.print_exc(file=sys.stderr)
-        return PatchResult(status="error", reason=f"internal error: {_reason(exc)}"), None
-
-
-def _reason(exc: BaseException) -> str:
-    msg = str(exc) or type(exc).__name__
-    return msg if isinstance(exc, CalcinosisError) else f"{type(exc).__name__}: {msg}"
+        return PatchResult(status="error", reason=f"internal error: {error_reason(exc)}"), None
 
 
 def _planned_files(

@@ -1,8 +1,10 @@
 """From a checkpoint and an image to a calibrated, explained answer.
 
 :class:`Predictor` hides everything between pixels and the answer a
-pathologist reads: preprocessing taken from the checkpoint (input size, mean,
-std, microns per pixel), the backend that runs the network (PyTorch fp32 or
+pathologist reads: the checkpoint's preprocessing (``model/preprocess.py``:
+resampling to its microns per pixel, stain normalisation, reflect-pad or
+centre-crop to the input size, mean/std; the very function evaluation
+applies), the backend that runs the network (PyTorch fp32 or
 bf16, or ONNX Runtime), calibrated probabilities (``softmax(logits / T)``),
 the "indeterminate" rule, the tissue and focus checks, the deposits as
 lesions (``lesions.find_lesions``), and, for images much larger than the
@@ -26,31 +28,36 @@ not asked); ``out_of_focus`` (probabilities are reported but no call is made);
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from calcinosis.model.errors import CalcinosisError, CheckpointError, ImageReadError
+from calcinosis.model.errors import CalcinosisError, CheckpointError
 from calcinosis.model.labels import (
     CLASS_NAMES,
     DEPOSIT_LABELS,
     INDETERMINATE,
     STAIN_NAMES,
 )
-from calcinosis.model.tta import numpy_d4, resolve_tta
+from calcinosis.model.metadata import checkpoint_tta, setting
+from calcinosis.model.preprocess import Placement, Preprocessing, resample_to_mpp
+from calcinosis.model.tta import numpy_d4
+from calcinosis.training.imageio import load_image
 
+from .export import cached_onnx, read_onnx_metadata
 from .lesions import LESION_THRESHOLD, MIN_LESION_AREA_UM2, Lesions, find_lesions, region_call
+from .result import STATUSES, PatchResult, error_reason
+from .slide import is_slide_file, predict_slide
 from .tiling import ArraySource, PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
 from .tissue import focus_measure, outside_section, tissue_mask
+
+__all__ = ["BACKENDS", "STATUSES", "PatchResult", "Predictor", "load_image", "read_onnx_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -68,63 +75,6 @@ REGION_FACTOR = 1.5
 FOCUS_MIN = 0.15
 #: Region tissue detection runs on a thumbnail whose longer side is at most this.
 TISSUE_THUMB_SIDE = 2048
-#: mpp values closer than this (relative) are treated as equal: no resampling.
-MPP_TOLERANCE = 0.02
-
-STATUSES = ("ok", "indeterminate", "no_tissue", "out_of_focus", "error")
-#: Float image arrays may stray this far outside [0, 1] (resampling overshoot) and are clipped.
-FLOAT_SLACK = 0.05
-
-
-@dataclass
-class PatchResult:
-    """Everything known about one image (a patch or a tiled region)."""
-
-    path: str | None = None
-    status: str = "ok"
-    reason: str = ""
-    prediction: str | None = None
-    probabilities: dict[str, float] = field(default_factory=dict)
-    stain: str | None = None
-    stain_probability: float | None = None
-    stain_probabilities: dict[str, float] = field(default_factory=dict)
-    tissue_fraction: float = 0.0
-    focus: float | None = None
-    #: Deposit area per label name (labels other than background), image pixels.
-    deposit_area_px: dict[str, int] = field(default_factory=dict)
-    #: The same in square microns (None when no mpp is known).
-    deposit_area_um2: dict[str, float] | None = None
-    mpp: float | None = None
-    mpp_assumed: bool = False
-    height: int = 0
-    width: int = 0
-    mode: str = "patch"  # or "region"
-    #: ``(H, W)`` uint8 deposit labels at the image's own resolution (not serialised).
-    label_map: np.ndarray | None = field(default=None, repr=False)
-    #: Region mode: one row per tile (not serialised by default: can be long).
-    tiles: list[dict[str, Any]] | None = field(default=None, repr=False)
-    #: Region mode: the summary over tissue tiles and the lesion-driven call
-    #: (``tile_mean_probabilities``, ``classes_present``, ``also_present``, ...).
-    region: dict[str, Any] | None = None
-    #: The deposits as lesions (``lesions.find_lesions``), strongest first: id, label,
-    #: label_fractions, area_px, area_um2, centroid, bbox, probabilities, prediction,
-    #: class_probability, confidence, deposit_probability, passed, evidence, tiles.
-    #: Coordinates are label-map pixels, or level-0 pixels for slides.
-    lesions: list[dict[str, Any]] | None = None
-    #: OpenCV component index of each lesion in ``lesions.deposit_components(label_map)``
-    #: (not serialised; the GeoJSON writer traces outlines with it).
-    lesion_components: list[int] | None = field(default=None, repr=False)
-    #: Whole-slide input: reader, levels, the level and region read, and the mapping of
-    #: label-map pixels to slide coordinates (see ``slide.predict_slide``).
-    slide: dict[str, Any] | None = None
-
-    def to_dict(self, include_tiles: bool = False) -> dict[str, Any]:
-        """Plain, JSON-ready data (no label map; tiles only on request)."""
-        skip = {"label_map", "lesion_components"} | (set() if include_tiles else {"tiles"})
-        d = {
-            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip
-        }
-        return _jsonable(d)
 
 
 # --------------------------------------------------------------------------- engines
@@ -244,36 +194,38 @@ class Predictor:
     ) -> None:
         self.engine = engine
         self.metadata = metadata
-        self.tta, tta_warning = resolve_tta(metadata, tta)
+        self.tta, tta_warning = checkpoint_tta(metadata, tta)
         if tta_warning:
             log.warning(tta_warning)
         self.backend = backend
         self.class_names = list(metadata.get("class_names") or CLASS_NAMES)
         self.stain_names = list(metadata.get("stain_names") or STAIN_NAMES)
         self.deposit_labels = list(metadata.get("deposit_labels") or DEPOSIT_LABELS)
-        self.input_size = _meta_input_size(metadata)
-        self.mean = np.asarray(metadata.get("mean") or (0.485, 0.456, 0.406), dtype=np.float32)
-        self.std = np.asarray(metadata.get("std") or (0.229, 0.224, 0.225), dtype=np.float32)
-        self.model_mpp = _meta_value(metadata, "mpp", ("data", "mpp"), None)
+        #: What every patch and tile goes through before the network (the checkpoint's own).
+        self.preprocessing = Preprocessing.from_metadata(metadata)
+        self.input_size = self.preprocessing.input_size
+        self.mean = np.asarray(self.preprocessing.mean, np.float32)
+        self.std = np.asarray(self.preprocessing.std, np.float32)
+        self.model_mpp = self.preprocessing.mpp
         self.temperature = float(metadata.get("temperature") or 1.0)
         if indeterminate_threshold is None:
-            indeterminate_threshold = _meta_value(
+            indeterminate_threshold = setting(
                 metadata, "indeterminate_threshold", ("inference", "indeterminate_threshold"), 0.6
             )
         self.indeterminate_threshold = float(indeterminate_threshold)
         if min_tissue_fraction is None:
-            min_tissue_fraction = _meta_value(
+            min_tissue_fraction = setting(
                 metadata, "min_tissue_fraction", ("inference", "min_tissue_fraction"), 0.1
             )
         self.min_tissue_fraction = float(min_tissue_fraction)
         if lesion_threshold is None:
-            lesion_threshold = _meta_value(
+            lesion_threshold = setting(
                 metadata, "lesion_threshold", ("inference", "lesion_threshold"), LESION_THRESHOLD
             )
         #: A lesion counts towards a region's call at this calibrated confidence or more.
         self.lesion_threshold = float(lesion_threshold)
         if min_lesion_area_um2 is None:
-            min_lesion_area_um2 = _meta_value(
+            min_lesion_area_um2 = setting(
                 metadata,
                 "min_lesion_area_um2",
                 ("inference", "min_lesion_area_um2"),
@@ -297,9 +249,6 @@ class Predictor:
                 f"tile overlap must be in [0, {self.input_size}) pixels for this model "
                 f"(input size {self.input_size}); got {self.tile_overlap}"
             )
-        # Normalisation folded into one multiply-add on uint8 pixels.
-        self._scale = (1.0 / (255.0 * self.std)).astype(np.float32)
-        self._bias = (-self.mean / self.std).astype(np.float32)
 
     # ------------------------------------------------------------------ construction
 
@@ -349,7 +298,7 @@ class Predictor:
             meta = read_onnx_metadata(path)
             return cls(_OnnxEngine(path, device, threads), meta, **kwargs)
         if backend.startswith("torch"):
-            from calcinosis.model import load_checkpoint
+            from calcinosis.model import load_checkpoint  # torch: loaded only when asked for
 
             model, meta = load_checkpoint(path, device=device)
             engine = _TorchEngine(
@@ -360,8 +309,6 @@ class Predictor:
                 compile=backend == "torch-compile",
             )
             return cls(engine, meta, **kwargs)
-        from .export import cached_onnx
-
         onnx_file = cached_onnx(path, onnx_path, quantize=backend == "onnx-int8")
         meta = read_onnx_metadata(onnx_file)
         return cls(_OnnxEngine(onnx_file, device, threads), meta, **kwargs)
@@ -390,8 +337,6 @@ class Predictor:
         ``mpp`` is level 0's (default: the slide's own). See
         :func:`calcinosis.inference.slide.predict_slide`.
         """
-        from .slide import predict_slide
-
         return predict_slide(self, path, level=level, region=region, mpp=mpp)[0]
 
     def predict_source(
@@ -444,13 +389,13 @@ class Predictor:
         for i, img in enumerate(images):
             name = names[i] if names[i] is not None else _name_of(img)
             try:
-                if isinstance(img, (str, os.PathLike)) and _is_slide_path(img):
+                if isinstance(img, (str, os.PathLike)) and is_slide_file(img):
                     results[i] = self.predict_slide(img, mpp=mpps[i])
                     continue
                 rgb = load_image(img)
                 prep = self._prepare(rgb, mpps[i], name)
             except (CalcinosisError, OSError, ValueError) as exc:
-                results[i] = PatchResult(path=name, status="error", reason=_reason(exc))
+                results[i] = PatchResult(path=name, status="error", reason=error_reason(exc))
                 continue
             # a region is predicted (and its pixels released) before the next image is read
             self._route(i, prep, results, pending)
@@ -496,12 +441,16 @@ class Predictor:
     def _run_patches(
         self, pending: list[tuple[int, _Prepared]], results: list[PatchResult | None]
     ) -> None:
-        for start in range(0, len(pending), self.batch_size):
-            chunk = pending[start : start + self.batch_size]
-            batch = np.stack([p.model_input for _, p in chunk])
-            cls_l, stain_l, dep_l = self._infer(self._normalise(batch))
-            for j, (i, prep) in enumerate(chunk):
-                results[i] = self._finish_patch(prep, cls_l[j], stain_l[j], dep_l[j])
+        """Every view of every pending patch through the network, ``batch_size`` at a time."""
+        views = [(i, prep, x) for i, prep in pending for x in prep.inputs]
+        outputs: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for start in range(0, len(views), self.batch_size):
+            chunk = views[start : start + self.batch_size]
+            cls_l, stain_l, dep_l = self._infer(np.stack([x for _, _, x in chunk]))
+            for j, (i, prep, _) in enumerate(chunk):
+                outputs.setdefault(i, []).append((cls_l[j], stain_l[j], dep_l[j]))
+                if len(outputs[i]) == len(prep.inputs):
+                    results[i] = self._finish_patch(prep, outputs.pop(i))
 
     # ------------------------------------------------------------------ internals
 
@@ -510,13 +459,6 @@ class Predictor:
         if self.tta == "d4":
             return tuple(numpy_d4(self.engine, nhwc))
         return self.engine(nhwc)
-
-    def _normalise(self, batch_u8: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> float32 NHWC normalised with the model's mean and std."""
-        x = batch_u8.astype(np.float32)
-        x *= self._scale
-        x += self._bias
-        return x
 
     def calibrated(self, class_logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities: softmax of logits divided by the temperature."""
@@ -527,19 +469,13 @@ class Predictor:
         img_mpp = self.model_mpp if mpp is None else float(mpp)
         if img_mpp is not None and img_mpp <= 0:
             raise ValueError(f"mpp must be > 0 (microns per pixel), got {img_mpp}")
-        factor = 1.0
-        if mpp is not None and self.model_mpp and abs(mpp / self.model_mpp - 1) > MPP_TOLERANCE:
-            factor = float(mpp) / float(self.model_mpp)  # >1: image is coarser, enlarge it
+        factor = self.preprocessing.resample_factor(mpp)  # >1: image is coarser, enlarge it
         return img_mpp, factor, mpp is None
 
     def _prepare(self, rgb: np.ndarray, mpp: float | None, name: str | None) -> _Prepared:
         h0, w0 = rgb.shape[:2]
         img_mpp, factor, mpp_assumed = self._resolution(mpp)
-        work = rgb
-        if factor != 1.0:
-            nh, nw = max(1, round(h0 * factor)), max(1, round(w0 * factor))
-            interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-            work = cv2.resize(rgb, (nw, nh), interpolation=interp)
+        work, _ = resample_to_mpp(rgb, factor)
         base = PatchResult(
             path=name,
             mpp=img_mpp,
@@ -568,26 +504,63 @@ class Predictor:
             prep.result = base
             return prep
         base.focus = focus_measure(work, mask)
-        if (hw, ww) != (s, s):
-            interp = cv2.INTER_AREA if hw * ww > s * s else cv2.INTER_LINEAR
-            prep.model_input = cv2.resize(work, (s, s), interpolation=interp)
-        else:
-            prep.model_input = work
+        self._add_views(prep, work)
         return prep
 
+    def _add_views(self, prep: _Prepared, work: np.ndarray) -> None:
+        """The patch's network inputs, fitted exactly as evaluation fits it.
+
+        The first view is the patch reflect-padded / centre-cropped to the input
+        size (``Preprocessing.apply``): its class and stain outputs are the
+        answer, the same as ``calcinosis evaluate`` measures. A patch longer
+        than the input on a side loses its margins to that crop, so windows of
+        the input size covering the whole patch (``tiling.tile_grid``) are added,
+        for the deposit map only: it then covers every pixel of the patch.
+        """
+        spec = self.preprocessing
+        stained = spec.normalize_stain(work)  # once, over the whole patch, as evaluation does
+        x, _, place = spec.apply(stained, stain=False)
+        prep.inputs, prep.views = [x], [(0, 0, place)]
+        if place.cropped:
+            s = self.input_size
+            for y0, x0 in tile_grid(stained.shape[:2], s, self.tile_overlap):
+                xw, _, pw = spec.apply(stained[y0 : y0 + s, x0 : x0 + s], stain=False)
+                prep.inputs.append(xw)
+                prep.views.append((y0, x0, pw))
+
+    def _deposit_probs(self, prep: _Prepared, dep_logits: list[np.ndarray]) -> np.ndarray:
+        """``(h, w, D)`` deposit probabilities over the resampled patch, from its views.
+
+        One view: its map with the padding cut off. Several (a cropped patch):
+        the mean over the covering windows and the centre view wherever they overlap.
+        """
+        maps = [
+            place.to_patch(_softmax(np.asarray(d, np.float32), axis=0).transpose(1, 2, 0))
+            for d, (_, _, place) in zip(dep_logits, prep.views, strict=True)
+        ]
+        if len(maps) == 1:
+            return maps[0]
+        assert prep.work is not None
+        hw, ww = prep.work.shape[:2]
+        acc = np.zeros((hw, ww, maps[0].shape[-1]), np.float32)
+        count = np.zeros((hw, ww, 1), np.float32)
+        for m, (y0, x0, place) in zip(maps, prep.views, strict=True):
+            ys, xs = y0 + place.src_y, x0 + place.src_x
+            acc[ys : ys + place.h, xs : xs + place.w] += m
+            count[ys : ys + place.h, xs : xs + place.w] += 1.0
+        return acc / count
+
     def _finish_patch(
-        self,
-        prep: _Prepared,
-        cls_logits: np.ndarray,
-        stain_logits: np.ndarray,
-        dep_logits: np.ndarray,
+        self, prep: _Prepared, outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     ) -> PatchResult:
+        """A patch's result from the outputs of its views (the first is the fitted patch)."""
         res = prep.result_template
+        cls_logits, stain_logits, _ = outputs[0]
         probs = self.calibrated(cls_logits)
         self._fill_class(res, probs)
         self._fill_stain(res, _softmax(np.asarray(stain_logits, np.float32), axis=-1))
         # Deposit probabilities back to the image's own grid, then argmax.
-        dep = _softmax(np.asarray(dep_logits, np.float32), axis=0).transpose(1, 2, 0)
+        dep = self._deposit_probs(prep, [d for _, _, d in outputs])
         h0, w0 = res.height, res.width
         if dep.shape[:2] != (h0, w0):
             dep = _resize_probs(dep, (h0, w0))
@@ -720,8 +693,8 @@ class Predictor:
         def flush() -> None:
             if not todo:
                 return
-            batch = np.stack([t[3] for t in todo])
-            cls_l, stain_l, dep_l = self._infer(self._normalise(batch))
+            batch = np.stack([self.preprocessing.apply(t[3])[0] for t in todo])
+            cls_l, stain_l, dep_l = self._infer(batch)
             probs = self.calibrated(cls_l)
             stain_p = _softmax(np.asarray(stain_l, np.float32), axis=-1)
             dep = _softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)
@@ -917,145 +890,21 @@ class Predictor:
 @dataclass
 class _Prepared:
     rgb: np.ndarray | None
+    #: The image resampled to the model's mpp.
     work: np.ndarray | None
     factor: float
     result_template: PatchResult
     region: bool = False
-    model_input: np.ndarray | None = None
+    #: Patch mode: the network inputs (float32 HWC, preprocessed), the fitted patch first.
+    inputs: list[np.ndarray] = field(default_factory=list)
+    #: Where each input's pixels lie in ``work``: the window's corner and its placement.
+    views: list[tuple[int, int, Placement]] = field(default_factory=list)
     result: PatchResult | None = None
     #: Region mode: where the tiles' pixels come from (None: ``work``).
     source: PixelSource | None = None
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def load_image(image: Any) -> np.ndarray:
-    """Any accepted input -> ``(H, W, 3)`` uint8 RGB (paths via ``imageio.read_rgb``).
-
-    Arrays follow the same conventions as image files: ``(H, W)`` or
-    ``(H, W, 1)`` grey, ``(H, W, 2)`` grey + alpha, ``(H, W, 3)`` RGB, ``(H, W, 4)``
-    RGBA (alpha composited on white); uint8, uint16 (scaled 65535 -> 255),
-    other integers within 0..255, bool (0/255) or floats in [0, 1]. Anything
-    else raises :class:`ImageReadError` saying what was expected.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        from calcinosis.training.imageio import read_rgb
-
-        return read_rgb(image)
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA") or (
-            image.mode == "P" and "transparency" in image.info
-        ):
-            bg = Image.new("RGB", image.size, (255, 255, 255))
-            rgba = image.convert("RGBA")
-            bg.paste(rgba, mask=rgba.getchannel("A"))
-            return np.asarray(bg, dtype=np.uint8)
-        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-    try:
-        arr = np.asarray(image)
-    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
-        raise ImageReadError(f"cannot use {type(image).__name__} as an image: {exc}") from None
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageReadError(
-            f"expected an image array (H, W), (H, W, 3) or (H, W, 4) with H, W >= 1, "
-            f"got shape {arr.shape}"
-        )
-    arr = _array_to_uint8(arr)
-    channels = arr.shape[2]
-    if channels in (2, 4):  # transparent pixels are glass: blend onto white
-        a = arr[..., -1:].astype(np.float32) / 255.0
-        colour = arr[..., :-1].astype(np.float32)
-        arr = (colour * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr)
-
-
-def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Pixel values of any numeric dtype as uint8, by the usual image conventions."""
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8) * 255
-    if arr.dtype == np.uint16:  # 16-bit samples, as read_rgb scales 16-bit files
-        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.integer):
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise ImageReadError(
-                f"integer image array of {arr.dtype} has values {lo}..{hi}; expected 0..255 "
-                "(or pass uint16 for 16-bit data, or floats in [0, 1])"
-            )
-        return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ImageReadError("image array holds NaN or infinite values")
-        lo, hi = float(arr.min()), float(arr.max())
-        # A little slack for the overshoot of bicubic resampling; clipped below.
-        if lo < -FLOAT_SLACK or hi > 1.0 + FLOAT_SLACK:
-            raise ImageReadError(
-                f"float image array has values {lo:g}..{hi:g}; expected floats in [0, 1] "
-                "(or uint8 0..255)"
-            )
-        return (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    raise ImageReadError(
-        f"image array of dtype {arr.dtype} is not supported; pass uint8 (0..255), "
-        "uint16 or floats in [0, 1]"
-    )
-
-
-def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint metadata stored in an exported ONNX file's ``metadata_props``."""
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path} could not be loaded by ONNX Runtime: {exc}") from exc
-    props = sess.get_modelmeta().custom_metadata_map
-    raw = props.get("calcinosis")
-    if raw is None:
-        raise CheckpointError(
-            f"{path} is an ONNX model without calcinosis metadata; export it with "
-            "'calcinosis export' so it carries its class names and preprocessing"
-        )
-    return json.loads(raw)
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, hex (identifies the checkpoint an export came from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _meta_input_size(meta: dict[str, Any]) -> int:
-    v = meta.get("input_size")
-    if isinstance(v, (list, tuple)):
-        v = v[-1]
-    if v is None:
-        v = _meta_value(meta, "_", ("data", "image_size"), 128)
-    return int(v)
-
-
-def _meta_value(meta: dict[str, Any], key: str, cfg_path: tuple[str, ...], default: Any) -> Any:
-    if meta.get(key) is not None:
-        return meta[key]
-    node: Any = meta.get("config") or {}
-    for k in cfg_path:
-        if not isinstance(node, dict) or k not in node:
-            return default
-        node = node[k]
-    return default if node is None else node
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -1097,42 +946,7 @@ def _resize_probs(p: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.stack(chans, axis=-1)
 
 
-def _is_slide_path(path: str | os.PathLike[str]) -> bool:
-    from .slide import is_slide_file
-
-    return is_slide_file(path)
-
-
 def _name_of(image: Any) -> str | None:
     if isinstance(image, (str, os.PathLike)):
         return str(image)
     return getattr(image, "filename", None) or None
-
-
-def _reason(exc: BaseException) -> str:
-    msg = str(exc) or type(exc).__name__
-    return msg if isinstance(exc, CalcinosisError) else f"{type(exc).__name__}: {msg}"
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-def iter_batches(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    """Consecutive lists of at most ``size`` items."""
-    batch: list[Any] = []
-    for it in items:
-        batch.append(it)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

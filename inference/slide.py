@@ -46,17 +46,17 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, ImageReadError
+from calcinosis.training import imageio
+from calcinosis.training.imageio import check_file, load_image
 
-from .tiling import PAD_VALUE
-
-if TYPE_CHECKING:
-    from .predictor import PatchResult, Predictor
+from .result import PatchResult
+from .tiling import PAD_VALUE, PixelSource
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,7 @@ def is_slide_file(
         return True
     tiled, pixels = _tiff_layout(Path(path))
     if not tiled:
-        from calcinosis.training.imageio import DEFAULT_MAX_PIXELS
-
-        limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+        limit = imageio.DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
         if not (limit > 0 and pixels > limit):
             return False
     return reader_available()
@@ -172,8 +170,6 @@ def open_slide(path: str | os.PathLike[str]) -> Slide:
     what to do: a missing file, a format no installed reader handles (with the
     ``pip install`` line), or a damaged file.
     """
-    from calcinosis.training.imageio import check_file
-
     p = Path(path)
     suffix = p.suffix.lower()
     check_file(
@@ -433,9 +429,7 @@ class Slide:
                 f"the reader returned {arr.shape[1]} x {arr.shape[0]} px for a {w} x {h} read "
                 f"at level {level}; the file's level layout is not supported",
             )
-        from .predictor import load_image  # the array conventions of ordinary images
-
-        try:
+        try:  # the array conventions of ordinary images
             return load_image(arr)
         except ImageReadError as exc:
             raise _fail(self.path, f"unsupported pixel data ({exc})") from None
@@ -577,8 +571,18 @@ class SlideRegionSource:
 # --------------------------------------------------------------------------- prediction
 
 
+class SourcePredictor(Protocol):
+    """What :func:`predict_slide` needs of a predictor (``Predictor`` is one)."""
+
+    model_mpp: float | None
+
+    def predict_source(
+        self, source: PixelSource, mpp: float | None = None, name: str | None = None
+    ) -> PatchResult: ...
+
+
 def predict_slide(
-    predictor: Predictor,
+    predictor: SourcePredictor,
     path: str | os.PathLike[str],
     *,
     level: int | None = None,

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import tissue
 
 from calcinosis.inference.cli import main as cli_main
 from calcinosis.inference.predict import collect_inputs, csv_columns, safe_stem, unique_names
@@ -28,15 +29,6 @@ def predict_checkpoint(tmp_path_factory, tiny_checkpoint_factory) -> Path:
 @pytest.fixture(scope="module")
 def predictor(predict_checkpoint) -> Predictor:
     return Predictor.from_checkpoint(predict_checkpoint)
-
-
-def tissue(h: int = SIZE, w: int = SIZE, seed: int = 0) -> np.ndarray:
-    """Pink, textured 'tissue' with purple nuclei: passes the tissue and focus checks."""
-    rng = np.random.default_rng(seed)
-    img = np.clip(rng.normal((225, 150, 190), 14, (h, w, 3)), 0, 255).astype(np.uint8)
-    for _ in range(max(4, h * w // 300)):
-        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), 4, (80, 40, 130), -1)
-    return img
 
 
 def test_patch_probabilities_are_calibrated_and_complete(predictor):
@@ -61,7 +53,7 @@ def test_patch_probabilities_are_calibrated_and_complete(predictor):
     np.testing.assert_allclose(predictor.calibrated(logits), e / e.sum(), rtol=1e-6)
 
 
-def test_batch_resizes_other_sizes_and_keeps_order(predictor):
+def test_batch_fits_other_sizes_as_evaluation_does_and_keeps_order(predictor):
     imgs = [tissue(SIZE, SIZE, 1), tissue(80, 70, 2), tissue(40, 50, 3)]
     res = predictor.predict_batch(imgs)
     assert [r.label_map.shape for r in res] == [(64, 64), (80, 70), (40, 50)]
@@ -72,6 +64,42 @@ def test_batch_resizes_other_sizes_and_keeps_order(predictor):
 
     pil = predictor.predict(Image.fromarray(imgs[1]))
     assert pil.probabilities == pytest.approx(one.probabilities, abs=1e-6)
+    # The class comes from the patch reflect-padded / centre-cropped at its own scale
+    # (never resized): 40 x 50 padded to 64, 80 x 70 cut to its central 64 x 64.
+    spec = predictor.preprocessing
+    for img, r in zip(imgs, res, strict=True):
+        x, _, _ = spec.apply(img)
+        cls_l, _, _ = predictor.engine(x[None])
+        want = predictor.calibrated(cls_l)[0]
+        np.testing.assert_allclose(list(r.probabilities.values()), want, atol=1e-5)
+    centre = imgs[1][8:72, 3:67]
+    np.testing.assert_allclose(
+        list(predictor.predict(centre).probabilities.values()),
+        list(res[1].probabilities.values()),
+        atol=1e-5,
+    )
+
+
+def test_a_cropped_patch_still_gets_deposits_over_all_its_pixels(predict_checkpoint):
+    p = Predictor.from_checkpoint(predict_checkpoint)
+    real = p.engine
+    calls = []
+
+    def amyloid_where_bright(nhwc):
+        calls.append(len(nhwc))
+        cls_l, stain_l, dep_l = real(nhwc)
+        dep_l = np.zeros_like(dep_l)
+        dep_l[:, AMYLOID] = 10.0 * (nhwc.mean(axis=3) > 1.5)  # white input pixels
+        return cls_l, stain_l, dep_l
+
+    p.engine = amyloid_where_bright
+    img = tissue(90, 70, seed=5)
+    img[:4, :4] = img[-4:, -4:] = 255  # corners the central crop never sees
+    res = p.predict(img)
+    assert res.mode == "patch" and res.label_map.shape == (90, 70)
+    assert (res.label_map[:4, :4] == AMYLOID).all() and (res.label_map[-4:, -4:] == AMYLOID).all()
+    assert (res.label_map[20:70, 10:60] != AMYLOID).mean() > 0.95
+    assert sum(calls) > 1  # the centre for the class, windows covering the rest
 
 
 def test_threshold_one_makes_everything_indeterminate(predict_checkpoint):
@@ -285,8 +313,7 @@ def test_predict_cli_all_good_exits_zero(predict_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_onnx_export_matches_torch_and_is_self_describing(predict_checkpoint, tmp_path):
-    from calcinosis.inference.export import check_parity, export_onnx
-    from calcinosis.inference.predictor import read_onnx_metadata
+    from calcinosis.inference.export import check_parity, export_onnx, read_onnx_metadata
 
     onnx_path = export_onnx(predict_checkpoint, tmp_path / "m.onnx")
     fixtures = sorted(Path(__file__).parent.joinpath("fixtures", "images").rglob("*.png"))[:8]
@@ -334,6 +361,8 @@ def test_patch_result_to_dict_round_trips():
 def test_bench_smoke(predict_checkpoint, tmp_path, capsys):
     """Two backends in fresh processes, agreement computed, one table printed."""
     out = tmp_path / "bench.json"
+    patches = tmp_path / "patches.npy"
+    np.save(patches, np.stack([tissue(seed=s) for s in range(6)]))
     rc = cli_main(
         [
             "bench",
@@ -344,6 +373,8 @@ def test_bench_smoke(predict_checkpoint, tmp_path, capsys):
             "--iters",
             "1",
             "--images",
+            str(patches),
+            "--n-images",
             "4",
             "--batch-size",
             "4",
@@ -354,7 +385,7 @@ def test_bench_smoke(predict_checkpoint, tmp_path, capsys):
     )
     assert rc == 0
     text = capsys.readouterr().out
-    assert "torch-eager" in text and "1.0x" in text
+    assert "torch-eager" in text and "1.0x" in text and f"4 patches of {patches}" in text
     data = json.loads(out.read_text())
     for b in ("torch-eager", "onnx"):
         r = data["backends"][b]

@@ -88,7 +88,7 @@ def test_png_compression_level_and_cpu_seconds(robust_checkpoint, tmp_path, caps
     with pytest.raises(CalcinosisError, match="0-9"):
         run_predict(_args(robust_checkpoint, src, tmp_path / "bad", png_compression=12))
     capsys.readouterr()
-    from calcinosis.inference.cli import build_parser
+    from calcinosis.model.cli import build_parser
 
     args = build_parser().parse_args(
         ["predict", str(src), "--checkpoint", "c", "--out", "o", "--png-compression", "6"]
@@ -121,7 +121,7 @@ def test_bench_prints_the_cpu_breakdown(capsys):
         "cores_busy": 1.9,
         "model_cpu_ms_per_patch": 5.0,
     }
-    _print_table(results, e2e, 32, 64)
+    _print_table(results, e2e, 32, 64, "patches.npy")
     text = capsys.readouterr().out
     assert "= 40% of its pure model rate" in text
     assert "12.5 ms end to end, 6.5 ms without overlays, 5.0 ms for the model alone" in text

@@ -1,4 +1,4 @@
-"""Robust image reading and atomic PNG writing.
+"""Robust image reading (files and in-memory arrays) and atomic PNG writing.
 
 Pathologists hand this project whatever their scanner or export script
 produced: 8- or 16-bit, grayscale, palette, with or without alpha, CMYK JPEGs,
@@ -6,6 +6,7 @@ upper-case extensions, names with spaces or accents. :func:`read_rgb` turns all
 of them into one thing, an ``(H, W, 3)`` ``uint8`` RGB array, and every way a
 file can be unusable becomes an :class:`ImageReadError` that names the file and
 the reason. Nothing else escapes, so a training loop can catch one type.
+:func:`load_image` applies the same conventions to arrays and PIL images.
 
 Pixel data is returned as stored: EXIF orientation is *not* applied, so an image
 and its mask (which carries no EXIF) stay aligned.
@@ -17,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,6 +33,7 @@ __all__ = [
     "MAX_PIXELS_ENV",
     "image_size",
     "is_image_file",
+    "load_image",
     "read_mask",
     "read_rgb",
     "write_png",
@@ -450,3 +453,84 @@ def write_png(
     with atomic_write(path, "wb", fsync=fsync) as fh:
         im.save(fh, format="PNG", compress_level=compress_level)
     return path
+
+
+# --------------------------------------------------------------------------- in-memory images
+
+#: Float image arrays may stray this far outside [0, 1] (resampling overshoot) and are clipped.
+FLOAT_SLACK = 0.05
+
+
+def load_image(image: Any) -> np.ndarray:
+    """Any accepted input -> ``(H, W, 3)`` uint8 RGB (paths via :func:`read_rgb`).
+
+    Arrays follow the same conventions as image files: ``(H, W)`` or
+    ``(H, W, 1)`` grey, ``(H, W, 2)`` grey + alpha, ``(H, W, 3)`` RGB, ``(H, W, 4)``
+    RGBA (alpha composited on white); uint8, uint16 (scaled 65535 -> 255),
+    other integers within 0..255, bool (0/255) or floats in [0, 1]. Anything
+    else raises :class:`ImageReadError` saying what was expected.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_rgb(image)
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "PA") or (
+            image.mode == "P" and "transparency" in image.info
+        ):
+            bg = Image.new("RGB", image.size, (255, 255, 255))
+            rgba = image.convert("RGBA")
+            bg.paste(rgba, mask=rgba.getchannel("A"))
+            return np.asarray(bg, dtype=np.uint8)
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    try:
+        arr = np.asarray(image)
+    except Exception as exc:  # noqa: BLE001 - ragged lists and the like
+        raise ImageReadError(f"cannot use {type(image).__name__} as an image: {exc}") from None
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(
+            f"expected an image array (H, W), (H, W, 3) or (H, W, 4) with H, W >= 1, "
+            f"got shape {arr.shape}"
+        )
+    arr = _array_to_uint8(arr)
+    channels = arr.shape[2]
+    if channels in (2, 4):  # transparent pixels are glass: blend onto white
+        a = arr[..., -1:].astype(np.float32) / 255.0
+        colour = arr[..., :-1].astype(np.float32)
+        arr = (colour * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixel values of any numeric dtype as uint8, by the usual image conventions."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:  # 16-bit samples, as read_rgb scales 16-bit files
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ImageReadError(
+                f"integer image array of {arr.dtype} has values {lo}..{hi}; expected 0..255 "
+                "(or pass uint16 for 16-bit data, or floats in [0, 1])"
+            )
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageReadError("image array holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        # A little slack for the overshoot of bicubic resampling; clipped below.
+        if lo < -FLOAT_SLACK or hi > 1.0 + FLOAT_SLACK:
+            raise ImageReadError(
+                f"float image array has values {lo:g}..{hi:g}; expected floats in [0, 1] "
+                "(or uint8 0..255)"
+            )
+        return (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    raise ImageReadError(
+        f"image array of dtype {arr.dtype} is not supported; pass uint8 (0..255), "
+        "uint16 or floats in [0, 1]"
+    )
