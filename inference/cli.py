@@ -1,166 +1,22 @@
-"""The ``calcinosis`` command line.
+"""The inference side of the ``calcinosis`` command line: ``predict``, ``export``, ``bench``,
+``robustness``.
 
-One console script with subcommands. Parsers are declared here (cheap to
-import, so ``--help`` answers at once); each command's work is imported only
-when it runs. Errors the user can fix (:class:`CalcinosisError`) are printed as
-one clear line without a traceback and exit with status 2.
+Parsers only (cheap to import, so ``calcinosis --help`` answers at once); each
+command's work is imported when it runs. Registered under the
+``calcinosis.commands`` entry points (pyproject.toml) and dispatched by
+:mod:`calcinosis.model.cli`. ``main`` is that dispatcher, kept here so that
+``python -m calcinosis.inference.cli COMMAND`` (and ``torchrun -m ...``) keep
+working.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from collections.abc import Sequence
 
-# subcommand -> "module:function"; the function takes the parsed args, returns an exit code.
-COMMANDS: dict[str, str] = {
-    "synth": "calcinosis.training.synthetic:run_synth",
-    "train": "calcinosis.training.train:run_train",
-    "evaluate": "calcinosis.training.evaluate:run_evaluate",
-    "predict": "calcinosis.inference.predict:run_predict",
-    "export": "calcinosis.inference.export:run_export",
-    "bench": "calcinosis.inference.bench:run_bench",
-    "robustness": "calcinosis.inference.robustness:run_robustness",
-}
+from calcinosis.model.cli import Command, add_tta_argument, main
 
-
-def _add_tta_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--tta",
-        choices=("none", "d4"),
-        default=None,
-        help="test-time augmentation: d4 averages over the 8 rotations/reflections of each "
-        "patch (8x the compute); default: the checkpoint's inference.tta, the mode its "
-        "temperature was fitted in",
-    )
-
-
-def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "synth",
-        help="generate synthetic skin-histology patches with exact pixel labels",
-        description=(
-            "Render synthetic H&E, von Kossa and Alizarin red patches of the five classes "
-            "with their deposit label maps, and write images/, masks/ and manifest.csv "
-            "(stratified train/val/test split). With --region, render instead one large "
-            "region like an area exported from a slide: a mosaic of tissue with scattered "
-            "deposits and bare glass, written as a PNG with its label map and a JSON side-car."
-        ),
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output folder (created); with --region, the region PNG to write",
-    )
-    p.add_argument(
-        "--region",
-        default=None,
-        metavar="WxH",
-        help="render one region of W x H pixels (e.g. 2048x2048) instead of a dataset; "
-        "also writes <stem>_labels.png and <stem>.json next to --out",
-    )
-    p.add_argument(
-        "--stain",
-        default=None,
-        help="stain of a --region: he (default), von_kossa or alizarin_red",
-    )
-    p.add_argument(
-        "--n-per-class-stain", type=int, default=20, help="patches per class and stain (default 20)"
-    )
-    p.add_argument("--size", type=int, default=128, help="patch side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files")
-    p.add_argument(
-        "--shift",
-        type=float,
-        default=0.0,
-        help="move staining/scanner variation outside the training range "
-        "(0 = training lab, 1 = a clearly different lab)",
-    )
-    p.add_argument(
-        "--supersample",
-        type=int,
-        default=1,
-        metavar="N",
-        help="draw each patch 1..N times finer (random per patch) and area-average it down, "
-        "as a scanner's pyramid level or resampling to the model's mpp does (default 1: off)",
-    )
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
-    p.add_argument("--sheet", default=None, help="also write a contact sheet PNG to this path")
-    p.add_argument(
-        "--mpp",
-        type=float,
-        default=0.5,
-        help="microns per pixel to render at (default 0.5, a 20x scan); 1.0 shows twice "
-        "the tissue in the same pixels",
-    )
-    p.add_argument(
-        "--style",
-        choices=("a", "b", "mix"),
-        default="a",
-        help="renderer: a (stained-component optics, default), b (a structurally different "
-        "painted rendering of the same tissue), mix (every other patch in each); for "
-        "measuring and training across rendering styles",
-    )
-
-
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model from a YAML config",
-        description=(
-            "Train from a YAML config; key=value pairs override config keys "
-            "(for example train.lr=3e-4 data.image_size=96). Run under torchrun for "
-            "several GPUs or processes."
-        ),
-    )
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in output_dir from its last checkpoint",
-    )
-
-
-def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="evaluate a checkpoint and write a report",
-        description="Evaluate a checkpoint on a manifest split and write metrics, plots and a report.",
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
-    p.add_argument(
-        "--data", required=True, help="CSV manifest with path,label[,stain,mask_path,split]"
-    )
-    p.add_argument(
-        "--split", default="test", help="split to evaluate (default test; 'all' for every row)"
-    )
-    p.add_argument("--out", default=None, help="report folder (default: <checkpoint dir>/report)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the colour-histogram baseline")
-    p.add_argument(
-        "--baseline-train",
-        default=None,
-        metavar="MANIFEST",
-        help="fit the colour baseline on this manifest's train split (default: --data's); "
-        "for another lab's or style's set, the model's own training manifest",
-    )
-    p.add_argument(
-        "--reference",
-        default=None,
-        metavar="METRICS_JSON",
-        help="metrics.json of an earlier report (e.g. the in-lab test set); adds a section "
-        "comparing this data with it",
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="patches per batch (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    _add_tta_argument(p)
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run the model (default: a CUDA GPU if there is one)",
-    )
+__all__ = ["bench", "export", "main", "predict", "robustness"]
 
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -255,7 +111,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=int, default=32, help="patches per forward pass (default 32)"
     )
-    _add_tta_argument(p)
+    add_tta_argument(p)
     p.add_argument(
         "--tile-overlap",
         type=int,
@@ -312,7 +168,15 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--int8",
         action="store_true",
-        help="also write <name>.int8.onnx, statically quantised on synthetic calibration patches",
+        help="also write <name>.int8.onnx, statically quantised on the --int8-calibration images",
+    )
+    p.add_argument(
+        "--int8-calibration",
+        default=None,
+        metavar="DIR",
+        help="with --int8: patches to measure activation ranges on (a folder, a CSV manifest "
+        "with a 'path' column or a .npy array; at most 64 are used), e.g. the model's "
+        "training images",
     )
     p.add_argument("--no-check", action="store_true", help="skip the PyTorch/ONNX parity check")
 
@@ -341,33 +205,29 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--size", type=int, default=None, help="patch side (default: the model's input size)"
     )
     p.add_argument(
-        "--images", type=int, default=64, help="synthetic images for agreement and end-to-end"
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="patches for agreement and end-to-end (a folder, a CSV manifest with a 'path' "
+        "column or a .npy array), e.g. made with 'calcinosis synth' (benchmarks/bench_infer.py "
+        "makes them itself); required",
+    )
+    p.add_argument(
+        "--n-images",
+        type=int,
+        default=64,
+        metavar="N",
+        help="use at most N of them, evenly spread (default 64)",
+    )
+    p.add_argument(
+        "--int8-calibration",
+        default=None,
+        metavar="DIR",
+        help="calibration patches for the onnx-int8 backend (default: the --images patches, "
+        "so its agreement is then measured on its own calibration set)",
     )
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end predict measurement")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="calcinosis",
-        description=(
-            "Calcinosis cutis versus its mimics (osteoma cutis, gout, amyloidosis, normal skin) "
-            "in H&E, von Kossa and Alizarin red patches: synthetic data, training, evaluation "
-            "and inference."
-        ),
-    )
-    from calcinosis.training import __version__
-
-    parser.add_argument("--version", action="version", version=f"calcinosis {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_synth_parser(sub)
-    _add_train_parser(sub)
-    _add_evaluate_parser(sub)
-    _add_predict_parser(sub)
-    _add_export_parser(sub)
-    _add_bench_parser(sub)
-    _add_robustness_parser(sub)
-    return parser
 
 
 def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
@@ -402,20 +262,12 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--title", default=None, help="heading of robustness.md")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module_name, func_name = COMMANDS[args.command].split(":")
-    from calcinosis.model.errors import CalcinosisError
-
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(args) or 0)
-    except CalcinosisError as exc:
-        print(f"calcinosis {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"calcinosis {args.command}: interrupted", file=sys.stderr)
-        return 130
+predict = Command("predict", 40, _add_predict_parser, "calcinosis.inference.predict:run_predict")
+export = Command("export", 50, _add_export_parser, "calcinosis.inference.export:run_export")
+bench = Command("bench", 60, _add_bench_parser, "calcinosis.inference.bench:run_bench")
+robustness = Command(
+    "robustness", 70, _add_robustness_parser, "calcinosis.inference.robustness:run_robustness"
+)
 
 
 if __name__ == "__main__":
