@@ -6,6 +6,7 @@ timm's resnet10t and one or two optimizer steps per epoch: seconds each.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -542,6 +543,48 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path: Path, train_mani
     assert len(metrics_rows(out)) == 2
 
 
+def _processes_of_run(run_dir: Path) -> list[int]:
+    """Process ids whose command line writes to ``run_dir`` (torchrun and its workers
+    start sessions of their own, so a process group does not reach them all)."""
+    needle = f"output_dir={run_dir}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _kill_once_saved_mid_epoch(cmd: list[str], run_dir: Path) -> None:
+    """Start ``cmd`` and SIGKILL every process of the run once state.pt holds a
+    mid-epoch resume point after at least two steps."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                run = torch.load(run_dir / "state.pt", weights_only=True)["run"]
+            except Exception:  # not there yet
+                run = None
+            if run and run["global_step"] >= 2 and run["step_in_epoch"] > 0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed"
+    finally:
+        for pid in {proc.pid, *_processes_of_run(run_dir)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _processes_of_run(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _processes_of_run(run_dir), "a process of the run survived SIGKILL"
+    state = torch.load(run_dir / "state.pt", weights_only=True)["run"]
+    assert 0 < state["global_step"] < 8
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches(tmp_path: Path, train_manifest: Path) -> None:
     extra = ("train.epochs=2", "train.max_steps_per_epoch=4", "train.batch_size=2",
@@ -551,33 +594,45 @@ def test_sigkill_mid_epoch_then_resume_matches(tmp_path: Path, train_manifest: P
     args = ["train", "--config", str(CI_CONFIG)]
     subprocess.run(_cli(*args, *_overrides(train_manifest, straight, *extra)), env=_env(),
                    check=True, capture_output=True, timeout=300)  # fmt: skip
-
-    proc = subprocess.Popen(_cli(*args, *_overrides(train_manifest, killed, *extra)), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                run = torch.load(killed / "state.pt", weights_only=True)["run"]
-            except Exception:  # not there yet
-                run = None
-            if run and run["global_step"] >= 2 and run["step_in_epoch"] > 0:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "training finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    state = torch.load(killed / "state.pt", weights_only=True)["run"]
-    assert 0 < state["global_step"] < 8
+    _kill_once_saved_mid_epoch(_cli(*args, *_overrides(train_manifest, killed, *extra)), killed)
 
     resumed = subprocess.run(_cli(*args, *_overrides(train_manifest, killed, *extra), "--resume"),
                              env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at epoch" in resumed.stdout
+    assert "resuming at epoch" in resumed.stdout and "(global step 8)" not in resumed.stdout
     assert_same_weights(straight / "last.safetensors", killed / "last.safetensors")
     assert metrics_rows(straight) == metrics_rows(killed)
+
+
+@pytest.mark.slow
+def test_ddp_killed_mid_epoch_resumes_exactly_with_dropout(
+    tmp_path: Path, train_manifest: Path
+) -> None:
+    # Each rank draws its own dropout masks; state.pt keeps every rank's generator,
+    # so two processes killed mid-epoch and resumed end where an uninterrupted pair does.
+    extra = ("train.epochs=2", "train.max_steps_per_epoch=4", "train.batch_size=2",
+             "train.checkpoint_every_steps=1", "calibrate=false", "model.drop_rate=0.5")  # fmt: skip
+
+    def torchrun(out: Path, *more: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "calcinosis.inference.cli", "train", "--config",
+                str(CI_CONFIG), *_overrides(train_manifest, out, *extra), *more]  # fmt: skip
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = subprocess.run(torchrun(straight), env=_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(torch.load(straight / "state.pt", weights_only=True)["rng"]) == 2
+    _kill_once_saved_mid_epoch(torchrun(killed), killed)
+
+    resumed = subprocess.run(torchrun(killed, "--resume"), env=_env(), capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming at epoch" in resumed.stdout and "(global step 8)" not in resumed.stdout
+    assert_same_weights(straight / "last.safetensors", killed / "last.safetensors")
+    assert metrics_rows(straight) == metrics_rows(killed)
+    check = json.loads((killed / T.DDP_CHECK_FILE).read_text())
+    assert len(set(check["parameter_sha256"])) == 1
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
