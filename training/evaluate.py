@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 
-from calcinosis.model import DataError, ImageReadError, load_checkpoint
+from calcinosis.model import DataError, load_checkpoint
+from calcinosis.model.baseline import colour_baseline as _colour_baseline
 from calcinosis.model.tta import resolve_tta
 
 from . import metrics
@@ -41,12 +39,6 @@ from .engine import collect_outputs
 from .loaders import make_loader
 
 log = logging.getLogger(__name__)
-
-#: The colour baseline sees images shrunk to this side: colour histograms need
-#: no detail, and it keeps fitting fast on large manifests.
-BASELINE_SIZE = 64
-#: At most this many training images are read for the baseline (random, seeded).
-BASELINE_MAX_TRAIN = 3000
 
 
 def evaluate_checkpoint(
@@ -178,35 +170,6 @@ def _provenance(
         f"- colour baseline: {baseline}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _read_small(path: Path) -> np.ndarray:
-    from .imageio import read_rgb
-
-    rgb = read_rgb(path)
-    return cv2.resize(rgb, (BASELINE_SIZE, BASELINE_SIZE), interpolation=cv2.INTER_AREA)
-
-
-def _colour_baseline(train_rows: list, eval_rows: list, class_names: list[str]) -> tuple[Any, str]:
-    """Fit the colour-only baseline on the train rows; probabilities for the eval rows."""
-    if len(train_rows) > BASELINE_MAX_TRAIN:
-        train_rows = random.Random(0).sample(train_rows, BASELINE_MAX_TRAIN)
-    images, labels = [], []
-    for s in train_rows:
-        try:
-            images.append(_read_small(s.path))
-        except (ImageReadError, DataError) as exc:
-            log.warning("colour baseline: skipping %s: %s", s.path, exc)
-            continue
-        labels.append(class_names.index(s.label))
-    if len(set(labels)) < 2:
-        return None, "skipped: fewer than two classes of readable training images"
-    pipe = metrics.fit_colour_baseline(images, labels)
-    probs = metrics.predict_colour_baseline(
-        pipe, [_read_small(s.path) for s in eval_rows], len(class_names)
-    )
-    note = f"logistic regression on colour histograms of {len(images)} train patches at {BASELINE_SIZE} px"
-    return probs, note
 
 
 def _print_summary(m: dict[str, Any], out: Path, comparison: dict[str, Any] | None) -> None:
