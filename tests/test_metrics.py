@@ -1,5 +1,6 @@
-"""Tests of calcinosis.training.metrics: calibration, classification and
-segmentation metrics, the colour-only baseline and the written report."""
+"""Tests of calcinosis.training.metrics (calibration, classification and
+segmentation metrics), the colour-only baseline (calcinosis.model.baseline)
+and the written report (calcinosis.training.report)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score
 
+from calcinosis.model import baseline as B
 from calcinosis.training import metrics as M
+from calcinosis.training import report as R
 
 # The project's names (calcinosis.model.labels), spelled out here because
 # importing calcinosis.model loads torch and metrics must not need it.
@@ -23,11 +26,12 @@ DEPOSIT_LABELS = ("tissue", "calcium", "bone", "urate", "amyloid")
 # --------------------------------------------------------------------------- #
 
 
-def test_metrics_module_does_not_import_torch():
+@pytest.mark.parametrize("module", ["metrics", "report"])
+def test_metrics_and_report_do_not_import_torch(module):
     import subprocess
     import sys
 
-    code = "import sys, calcinosis.training.metrics; print('torch' in sys.modules)"
+    code = f"import sys, calcinosis.training.{module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -242,24 +246,24 @@ def test_colour_features_ignore_structure():
     rng = np.random.default_rng(0)
     img = _patterned("dots", (110, 50, 140), (230, 150, 190), rng)
     shuffled = rng.permutation(img.reshape(-1, 3)).reshape(img.shape)
-    f = M.colour_histogram_features([img, shuffled, img[:16]])
+    f = B.colour_histogram_features([img, shuffled, img[:16]])
     assert f.shape[0] == 3 and f.dtype == np.float32
     np.testing.assert_allclose(f[0], f[1], atol=1e-5)
     # Grey and RGBA inputs are accepted.
-    assert M.colour_histogram_features([img[..., 0], np.dstack([img, img[..., :1]])]).shape[0] == 2
+    assert B.colour_histogram_features([img[..., 0], np.dstack([img, img[..., :1]])]).shape[0] == 2
 
 
 def test_colour_baseline_sees_colour_but_not_structure():
     x_tr, y_tr = _dataset("colour", 40, seed=1)
     x_te, y_te = _dataset("colour", 40, seed=2)
-    pipe = M.fit_colour_baseline(x_tr, y_tr, seed=0)
-    acc_colour = np.mean(pipe.predict(M.colour_histogram_features(x_te)) == y_te)
+    pipe = B.fit_colour_baseline(x_tr, y_tr, seed=0)
+    acc_colour = np.mean(pipe.predict(B.colour_histogram_features(x_te)) == y_te)
     assert acc_colour >= 0.95
 
     x_tr, y_tr = _dataset("structure", 40, seed=3)
     x_te, y_te = _dataset("structure", 40, seed=4)
-    pipe = M.fit_colour_baseline(x_tr, y_tr, seed=0)
-    probs = M.predict_colour_baseline(pipe, x_te, num_classes=3)
+    pipe = B.fit_colour_baseline(x_tr, y_tr, seed=0)
+    probs = B.predict_colour_baseline(pipe, x_te, num_classes=3)
     assert probs.shape == (80, 3) and np.all(probs[:, 2] == 0)
     acc_structure = np.mean(probs.argmax(axis=1) == y_te)
     assert 0.3 <= acc_structure <= 0.7, acc_structure
@@ -289,7 +293,7 @@ def _fake_outputs(n: int = 90, seed: int = 0, shift: float = 0.0):
 
 def _report(out_dir, outputs, **kw):
     labels, logits, stains, stain_logits, pixel_conf, baseline = outputs
-    return M.write_report(
+    return R.write_report(
         out_dir,
         labels=labels,
         logits=logits,
@@ -377,7 +381,7 @@ def test_write_report_writes_all_files(tmp_path):
 
 def test_write_report_without_stain_labels_or_masks(tmp_path):
     labels, logits, stains, stain_logits, _, _ = _fake_outputs(n=30)
-    m = M.write_report(
+    m = R.write_report(
         tmp_path,
         labels=labels,
         logits=logits,
@@ -407,6 +411,6 @@ def test_compare_reports_shows_the_drop(tmp_path):
     assert f1["delta"] < 0 and f1["worse"] is True
     assert cmp["metrics"]["calcium_dice"]["worse"] is True
     assert set(cmp["per_class_f1"]) == set(CLASS_NAMES)
-    md = M.comparison_markdown(cmp, "lab A", "lab B")
+    md = R.comparison_markdown(cmp, "lab A", "lab B")
     assert "| macro-F1 |" in md and "lab B" in md and "(worse)" in md
     json.dumps(cmp, allow_nan=False)

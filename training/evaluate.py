@@ -30,13 +30,15 @@ from typing import Any
 
 import torch
 
-from calcinosis.model import DataError, load_checkpoint
+from calcinosis.model import DataError, Preprocessing, load_checkpoint
 from calcinosis.model.baseline import colour_baseline as _colour_baseline
-from calcinosis.model.tta import resolve_tta
+from calcinosis.model.manifest import Sample, read_manifest
+from calcinosis.model.metadata import checkpoint_tta
 
-from . import metrics
+from . import report
 from .engine import collect_outputs
 from .loaders import make_loader
+from .metrics import compare_reports
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ def evaluate_checkpoint(
     the model's own training manifest, so that both see the same training
     data. Returns the metrics dict written to ``<out_dir>/metrics.json``.
     """
-    from .data import PatchDataset, read_manifest
-    from .transforms import build_eval_transform
+    from .data import PatchDataset
+    from .transforms import EvalTransform
 
     checkpoint = Path(checkpoint)
     out = Path(out_dir) if out_dir is not None else checkpoint.parent / "report"
@@ -73,14 +75,61 @@ def evaluate_checkpoint(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     model, meta = load_checkpoint(checkpoint, dev)
-    class_names = list(meta["class_names"])
-    stain_names = list(meta["stain_names"])
-    deposit_labels = list(meta["deposit_labels"])
-    tta, tta_warning = resolve_tta(meta, tta)
+    prep = Preprocessing.from_metadata(meta)  # exactly what the Predictor applies
+    class_names, stain_names = list(meta["class_names"]), list(meta["stain_names"])
+    tta, tta_warning = checkpoint_tta(meta, tta)
     if tta_warning:
         log.warning(tta_warning)
 
     rows = read_manifest(manifest, class_names, stain_names)
+    samples = _rows_of_split(rows, split, manifest)
+    dataset = PatchDataset(samples, class_names, stain_names, EvalTransform(prep), mpp=prep.mpp)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    outputs = collect_outputs(model, loader, dev, "fp32", tta=tta)
+    evaluated = [dataset.samples[i] for i in outputs["indices"]]
+
+    baseline_probs, baseline_note = None, "skipped (--no-baseline)"
+    if baseline:
+        base_rows = rows
+        if baseline_train is not None:
+            base_rows = read_manifest(baseline_train, class_names, stain_names)
+        baseline_probs, baseline_note = _baseline(base_rows, evaluated, class_names)
+
+    extra: dict[str, Any] = {
+        "Checkpoint and data": _provenance(
+            checkpoint, meta, prep, manifest, split, baseline_note, tta
+        )
+    }
+    if dataset.bad_files:
+        extra["Unreadable files (skipped)"] = dict(dataset.bad_files)
+    report_args = dict(
+        labels=outputs["labels"],
+        logits=outputs["class_logits"],
+        temperature=float(meta.get("temperature", 1.0)),
+        stains=outputs["stains"],
+        stain_logits=outputs["stain_logits"],
+        pixel_conf=outputs["pixel_conf"],
+        class_names=class_names,
+        stain_names=stain_names,
+        deposit_labels=list(meta["deposit_labels"]),
+        baseline_probs=baseline_probs,
+        title=f"{checkpoint.name} on {Path(manifest).name} ({split}, {len(samples)} patches)",
+    )
+    result = report.write_report(out, **report_args, extra=extra)
+    comparison = None
+    if reference is not None:
+        ref_path = Path(reference)
+        comparison = compare_reports(_read_reference(ref_path), result)
+        extra[f"Compared with {ref_path}"] = report.comparison_markdown(
+            comparison, main_name="reference", shifted_name="this set"
+        )
+        result = report.write_report(out, **report_args, extra=extra)
+        result["comparison"] = comparison
+    _print_summary(result, out, comparison)
+    return result
+
+
+def _rows_of_split(rows: list[Sample], split: str, manifest: Any) -> list[Sample]:
     samples = rows if split == "all" else [s for s in rows if s.split == split]
     if not samples:
         present = dict(Counter(s.split or "(none)" for s in rows))
@@ -88,80 +137,41 @@ def evaluate_checkpoint(
             f"manifest '{manifest}' has no rows with split '{split}' (splits present: "
             f"{present}); pass --split all to evaluate every row"
         )
+    return samples
 
-    size = int(meta["input_size"])
-    mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    stain_normalize = (meta.get("config") or {}).get("augment", {}).get("stain_normalize", "none")
-    transform = build_eval_transform(size, mean, std, stain_normalize=stain_normalize)
-    dataset = PatchDataset(samples, class_names, stain_names, transform, mpp=meta.get("mpp"))
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    outputs = collect_outputs(model, loader, dev, "fp32", tta=tta)
-    temperature = float(meta.get("temperature", 1.0))
 
-    baseline_probs = None
-    baseline_note = "skipped (--no-baseline)"
-    if baseline:
-        base_rows = rows
-        if baseline_train is not None:
-            base_rows = read_manifest(baseline_train, class_names, stain_names)
-        train_rows = [s for s in base_rows if s.split == "train"]
-        if len({s.label for s in train_rows}) < 2:
-            baseline_note = (
-                "skipped: the baseline's manifest has no train split with two or more classes"
-            )
-        else:
-            baseline_probs, baseline_note = _colour_baseline(
-                train_rows, [dataset.samples[i] for i in outputs["indices"]], class_names
-            )
+def _baseline(
+    base_rows: list[Sample], evaluated: list[Sample], class_names: list[str]
+) -> tuple[Any, str]:
+    """The colour baseline's probabilities for the evaluated rows, fitted on the train rows."""
+    train_rows = [s for s in base_rows if s.split == "train"]
+    if len({s.label for s in train_rows}) < 2:
+        return None, "skipped: the baseline's manifest has no train split with two or more classes"
+    return _colour_baseline(train_rows, evaluated, class_names)
 
-    title = f"{checkpoint.name} on {Path(manifest).name} ({split}, {len(samples)} patches)"
-    extra: dict[str, Any] = {
-        "Checkpoint and data": _provenance(checkpoint, meta, manifest, split, baseline_note, tta)
-    }
-    if dataset.bad_files:
-        extra["Unreadable files (skipped)"] = dict(dataset.bad_files)
-    report_args = dict(
-        labels=outputs["labels"],
-        logits=outputs["class_logits"],
-        temperature=temperature,
-        stains=outputs["stains"],
-        stain_logits=outputs["stain_logits"],
-        pixel_conf=outputs["pixel_conf"],
-        class_names=class_names,
-        stain_names=stain_names,
-        deposit_labels=deposit_labels,
-        baseline_probs=baseline_probs,
-        title=title,
-    )
-    result = metrics.write_report(out, **report_args, extra=extra)
-    comparison = None
-    if reference is not None:
-        ref_path = Path(reference)
-        try:
-            ref = json.loads(ref_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DataError(
-                f"--reference {ref_path}: cannot read it as metrics.json ({exc})"
-            ) from None
-        comparison = metrics.compare_reports(ref, result)
-        extra[f"Compared with {ref_path}"] = metrics.comparison_markdown(
-            comparison, main_name="reference", shifted_name="this set"
-        )
-        result = metrics.write_report(out, **report_args, extra=extra)
-        result["comparison"] = comparison
-    _print_summary(result, out, comparison)
-    return result
+
+def _read_reference(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--reference {path}: cannot read it as metrics.json ({exc})") from None
 
 
 def _provenance(
-    checkpoint: Path, meta: dict[str, Any], manifest: Any, split: str, baseline: str, tta: str
+    checkpoint: Path,
+    meta: dict[str, Any],
+    prep: Preprocessing,
+    manifest: Any,
+    split: str,
+    baseline: str,
+    tta: str,
 ) -> str:
     cal = meta.get("calibration") or {}
     lines = [
         f"- checkpoint: `{checkpoint}` (epoch {meta.get('epoch')}, backbone "
         f"`{(meta.get('model') or {}).get('backbone')}`, package {meta.get('package_version')})",
-        f"- preprocessing: {meta.get('input_size')} px at {meta.get('mpp')} um/px, "
-        f"mean {meta.get('mean')}, std {meta.get('std')}",
+        f"- preprocessing: {prep.input_size} px at {prep.mpp} um/px, "
+        f"mean {list(prep.mean)}, std {list(prep.std)}",
         f"- temperature: {float(meta.get('temperature', 1.0)):.3f}"
         + (f" (fitted on {cal['samples']} validation patches)" if "samples" in cal else ""),
         "- test-time augmentation: "

@@ -1,8 +1,10 @@
-"""Metrics, temperature calibration and the evaluation report.
+"""Metrics and temperature calibration, on plain numpy arrays.
 
-Everything here works on plain numpy arrays (the outputs that
-``collect_outputs`` gathers), so it can be tested without torch and reused on
-logits that came from anywhere (a checkpoint, an ONNX export, another lab).
+Everything here works on the outputs that ``collect_outputs`` gathers (or on
+logits that came from anywhere: a checkpoint, an ONNX export, another lab), so
+it can be tested without torch. :func:`evaluation_metrics` is everything one
+evaluation measures; :mod:`calcinosis.training.report` writes it out as
+metrics.json, report.md and the plots.
 
 Three questions the report answers for a pathologist reading it:
 
@@ -12,19 +14,14 @@ Three questions the report answers for a pathologist reading it:
 2. Can its probabilities be trusted? (expected calibration error before and
    after temperature scaling, reliability diagram, NLL, Brier score)
 3. Does it see more than colour? A logistic regression on colour histograms
-   alone is the yardstick: in von Kossa and Alizarin red, calcium and bone are
-   both positive, in H&E gout and amyloid are both pale pink, so only structure
-   separates them. The gap between the network's macro-F1 and the colour
-   baseline's is what the network adds.
-
-Plots are drawn with matplotlib's Agg canvas on ``Figure`` objects directly, so
-importing this module never changes the process-wide matplotlib backend and no
-pyplot figures are left open.
+   alone (:mod:`calcinosis.model.baseline`) is the yardstick: in von Kossa and
+   Alizarin red, calcium and bone are both positive, in H&E gout and amyloid
+   are both pale pink, so only structure separates them. The gap between the
+   network's macro-F1 and the colour baseline's is what the network adds.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,17 +38,15 @@ __all__ = [
     "classification_metrics",
     "pixel_confusion",
     "segmentation_metrics",
-    "colour_histogram_features",
-    "fit_colour_baseline",
-    "predict_colour_baseline",
-    "write_report",
+    "stain_metrics",
+    "evaluation_metrics",
     "compare_reports",
-    "comparison_markdown",
     "to_jsonable",
 ]
 
-#: Target value that marks "no label here" (unknown stain, pixel without mask).
-#: Same value as ``calcinosis.training.data.IGNORE_INDEX`` and torch's default.
+#: Target value that marks "no label here" (an unknown stain, a pixel without a
+#: mask): torch's default ``ignore_index``. The one definition; the dataset
+#: writes it, the losses and the metrics skip it.
 IGNORE_INDEX = -100
 
 #: Temperature search range. Below 0.05 the softmax is a hard argmax for any
@@ -363,119 +358,14 @@ def segmentation_metrics(pixel_conf: np.ndarray, label_names: Sequence[str]) -> 
 
 
 # --------------------------------------------------------------------------- #
-# Colour-only baseline
+# One evaluation
 # --------------------------------------------------------------------------- #
 
-_HIST_BINS = 16  # per-channel bins of the marginal histograms
-_JOINT_BINS = 4  # per-channel bins of the joint RGB histogram (4^3 = 64 cells)
+#: Equal-width confidence bins of the calibration numbers and the reliability diagram.
+N_BINS = 15
 
 
-def colour_histogram_features(images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Colour-only features, one row per image (float32, 172 columns).
-
-    Per image: 16-bin marginal histograms of R, G, B and of H, S, V (as
-    fractions of pixels), a 4x4x4 joint RGB histogram, and the mean and
-    standard deviation of each of the six channels. Every feature is a
-    function of the multiset of pixel colours only, so shuffling the pixels of
-    an image leaves its features unchanged: whatever this baseline gets right,
-    colour alone was enough for. Images may differ in size; grey (H, W) and
-    RGBA images are accepted (alpha is dropped).
-    """
-    from matplotlib.colors import rgb_to_hsv
-
-    rows = []
-    for k, img in enumerate(images):
-        a = np.asarray(img)
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=2)
-        if a.ndim != 3 or a.shape[2] not in (3, 4):
-            raise ValueError(f"image {k}: expected (H, W, 3) RGB, got shape {a.shape}")
-        if a.dtype != np.uint8:
-            raise ValueError(f"image {k}: expected uint8, got {a.dtype}")
-        rgb = a[..., :3].reshape(-1, 3)
-        if rgb.shape[0] == 0:
-            raise ValueError(f"image {k} is empty")
-        n = float(rgb.shape[0])
-        q = (rgb.astype(np.int64) * _HIST_BINS) // 256
-        rgb_hist = [np.bincount(q[:, c], minlength=_HIST_BINS) / n for c in range(3)]
-        hsv = rgb_to_hsv(rgb.astype(np.float32) / 255.0)
-        qh = np.minimum((hsv * _HIST_BINS).astype(np.int64), _HIST_BINS - 1)
-        hsv_hist = [np.bincount(qh[:, c], minlength=_HIST_BINS) / n for c in range(3)]
-        qj = (rgb.astype(np.int64) * _JOINT_BINS) // 256
-        cell = (qj[:, 0] * _JOINT_BINS + qj[:, 1]) * _JOINT_BINS + qj[:, 2]
-        joint = np.bincount(cell, minlength=_JOINT_BINS**3) / n
-        chans = np.concatenate([rgb.astype(np.float32) / 255.0, hsv], axis=1)
-        rows.append(
-            np.concatenate(
-                [*rgb_hist, *hsv_hist, joint, chans.mean(axis=0), chans.std(axis=0)]
-            ).astype(np.float32)
-        )
-    if not rows:
-        return np.zeros((0, 6 * _HIST_BINS + _JOINT_BINS**3 + 12), dtype=np.float32)
-    return np.stack(rows)
-
-
-def fit_colour_baseline(
-    train_images: Sequence[np.ndarray] | np.ndarray,
-    train_labels: Sequence[int] | np.ndarray,
-    seed: int = 0,
-) -> Any:
-    """Fit StandardScaler + LogisticRegression on :func:`colour_histogram_features`.
-
-    Returns the fitted scikit-learn ``Pipeline``; use
-    :func:`predict_colour_baseline` to get probabilities laid out like the
-    network's (one column per class index, even for classes missing from the
-    training set).
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    x = colour_histogram_features(train_images)
-    y = np.asarray(train_labels)
-    if len(y) != len(x):
-        raise ValueError(f"{len(x)} images but {len(y)} labels")
-    if len(np.unique(y)) < 2:
-        raise ValueError(
-            "the colour baseline needs training images of at least two classes, "
-            f"got labels {np.unique(y).tolist()}"
-        )
-    pipe = Pipeline(
-        [
-            ("scale", StandardScaler()),
-            # C=1 keeps the 172 correlated histogram features from being fitted
-            # to noise; max_iter is generous because lbfgs converges slowly on
-            # near-collinear histogram bins.
-            ("logreg", LogisticRegression(C=1.0, max_iter=5000, random_state=seed)),
-        ]
-    )
-    pipe.fit(x, y)
-    return pipe
-
-
-def predict_colour_baseline(
-    pipeline: Any, images: Sequence[np.ndarray] | np.ndarray, num_classes: int
-) -> np.ndarray:
-    """(N, num_classes) probabilities of a baseline fitted on integer labels.
-
-    Columns of classes that the baseline never saw in training are 0.
-    """
-    x = colour_histogram_features(images)
-    out = np.zeros((len(x), num_classes), dtype=np.float64)
-    if len(x):
-        proba = pipeline.predict_proba(x)
-        cols = np.asarray(pipeline.classes_, dtype=np.int64)
-        out[:, cols] = proba
-    return out
-
-
-# --------------------------------------------------------------------------- #
-# Report
-# --------------------------------------------------------------------------- #
-
-
-def write_report(
-    out_dir: str | Path,
+def evaluation_metrics(
     *,
     labels: np.ndarray,
     logits: np.ndarray,
@@ -487,10 +377,8 @@ def write_report(
     stain_names: Sequence[str],
     deposit_labels: Sequence[str],
     baseline_probs: np.ndarray | None = None,
-    title: str = "Evaluation",
-    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compute every metric and write ``metrics.json``, ``report.md`` and three plots.
+    """Everything one evaluation measures, as JSON-able values.
 
     ``labels`` (N,) and ``logits`` (N, C) are the class head's; the class
     metrics use the calibrated probabilities softmax(logits / temperature).
@@ -499,53 +387,40 @@ def write_report(
     stain head's prediction instead (each group says how many of each).
     ``pixel_conf`` is the accumulated :func:`pixel_confusion` (None or all
     zeros when no masks were available). ``baseline_probs`` (N, C) are the
-    colour baseline's on the same samples. ``extra`` maps a section title to a
-    markdown string (written as is) or to a JSON-able value (written as JSON);
-    all of it is also stored in metrics.json.
+    colour baseline's on the same samples.
 
-    Returns the metrics dict exactly as written to metrics.json.
+    Keys: n_samples, temperature, headline, classification, calibration,
+    stain, segmentation, baseline.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    class_names = list(class_names)
-    stain_names = list(stain_names)
-    deposit_labels = list(deposit_labels)
+    class_names, stain_names = list(class_names), list(stain_names)
     _check_temperature(temperature)
-
     z, y = _check_logits_labels(logits, labels)
     if z.shape[1] != len(class_names):
         raise ValueError(f"logits have {z.shape[1]} columns but {len(class_names)} class names")
     probs_raw = softmax(z)
     probs = softmax(z, temperature)
     cls = classification_metrics(y, probs, class_names)
-    n_bins = 15
-    rel_before = reliability_bins(probs_raw, y, n_bins)
-    rel_after = reliability_bins(probs, y, n_bins)
     calibration = {
         "temperature": float(temperature),
-        "n_bins": n_bins,
+        "n_bins": N_BINS,
         # No patches, no calibration evidence: None rather than a reassuring 0.
-        "ece_before": expected_calibration_error(probs_raw, y, n_bins) if len(y) else None,
-        "ece_after": expected_calibration_error(probs, y, n_bins) if len(y) else None,
+        "ece_before": expected_calibration_error(probs_raw, y, N_BINS) if len(y) else None,
+        "ece_after": expected_calibration_error(probs, y, N_BINS) if len(y) else None,
         "nll_before": classification_metrics(y, probs_raw, class_names)["nll"],
         "nll_after": cls["nll"],
-        "reliability_before": rel_before,
-        "reliability_after": rel_after,
+        "reliability_before": reliability_bins(probs_raw, y, N_BINS),
+        "reliability_after": reliability_bins(probs, y, N_BINS),
     }
-
-    stain = _stain_metrics(y, probs, stains, stain_logits, class_names, stain_names)
-
+    stain = stain_metrics(y, probs, stains, stain_logits, class_names, stain_names)
     seg = None
     if pixel_conf is not None and int(np.asarray(pixel_conf).sum()) > 0:
-        seg = segmentation_metrics(pixel_conf, deposit_labels)
-
+        seg = segmentation_metrics(pixel_conf, list(deposit_labels))
     baseline = None
     if baseline_probs is not None:
         bp = np.asarray(baseline_probs, dtype=np.float64)
         if bp.shape != probs.shape:
             raise ValueError(f"baseline_probs must have shape {probs.shape}, got {bp.shape}")
         baseline = classification_metrics(y, bp, class_names)
-
     headline = {
         "macro_f1": cls["macro_f1"],
         "accuracy": cls["accuracy"],
@@ -558,16 +433,8 @@ def write_report(
         "stain_accuracy": stain["accuracy"],
         "baseline_macro_f1": baseline["macro_f1"] if baseline else None,
     }
-    files = {
-        "metrics": "metrics.json",
-        "report": "report.md",
-        "confusion_matrix": "confusion_matrix.png",
-        "reliability": "reliability.png",
-        "roc": "roc.png",
-    }
-    metrics = to_jsonable(
+    return to_jsonable(
         {
-            "title": title,
             "n_samples": int(len(y)),
             "temperature": float(temperature),
             "headline": headline,
@@ -576,22 +443,11 @@ def write_report(
             "stain": stain,
             "segmentation": seg,
             "baseline": baseline,
-            "extra": dict(extra) if extra else {},
-            "files": files,
         }
     )
 
-    _plot_confusion(out / files["confusion_matrix"], cls, title)
-    _plot_reliability(out / files["reliability"], rel_before, rel_after, calibration)
-    _plot_roc(out / files["roc"], y, probs, cls, title)
-    _write_text(out / files["report"], _report_markdown(metrics, extra))
-    _write_text(
-        out / files["metrics"], json.dumps(metrics, indent=2, allow_nan=False, sort_keys=False)
-    )
-    return metrics
 
-
-def _stain_metrics(
+def stain_metrics(
     y: np.ndarray,
     probs: np.ndarray,
     stains: np.ndarray | None,
@@ -683,7 +539,7 @@ _COMPARED: tuple[tuple[str, str, bool], ...] = (
 def compare_reports(main: Mapping[str, Any], shifted: Mapping[str, Any]) -> dict[str, Any]:
     """Change of the headline metrics from the main test set to a shifted one.
 
-    Takes two dicts returned by :func:`write_report` (or just their
+    Takes two dicts as written to metrics.json (or just their
     ``headline`` parts). ``delta`` is shifted - main; ``worse`` says whether
     the change is for the worse (a higher ECE is worse). Per-class F1 deltas
     are included when both reports carry them.
@@ -715,337 +571,6 @@ def compare_reports(main: Mapping[str, Any], shifted: Mapping[str, Any]) -> dict
                 "delta": None if x is None or y is None else float(y) - float(x),
             }
     return to_jsonable({"metrics": rows, "per_class_f1": per_class})
-
-
-def comparison_markdown(
-    comparison: Mapping[str, Any],
-    main_name: str = "main test set",
-    shifted_name: str = "shifted test set",
-) -> str:
-    """Markdown table of :func:`compare_reports`, ready for ``write_report(extra=...)``."""
-    lines = [
-        f"| metric | {main_name} | {shifted_name} | change |",
-        "|---|---:|---:|---:|",
-    ]
-    for row in comparison["metrics"].values():
-        if row["main"] is None and row["shifted"] is None:
-            continue
-        change = _fmt_delta(row["delta"])
-        if row["worse"] is True:
-            change += " (worse)"
-        elif row["worse"] is False and row["delta"]:
-            change += " (better)"
-        lines.append(
-            f"| {row['label']} | {_fmt(row['main'])} | {_fmt(row['shifted'])} | {change} |"
-        )
-    pc = comparison.get("per_class_f1") or {}
-    if pc:
-        lines += [
-            "",
-            f"| class F1 | {main_name} | {shifted_name} | change |",
-            "|---|---:|---:|---:|",
-        ]
-        for name, row in pc.items():
-            lines.append(
-                f"| {name} | {_fmt(row['main'])} | {_fmt(row['shifted'])} | {_fmt_delta(row['delta'])} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- #
-# Markdown
-# --------------------------------------------------------------------------- #
-
-
-def _report_markdown(m: dict[str, Any], extra: Mapping[str, Any] | None) -> str:
-    h = m["headline"]
-    cal = m["calibration"]
-    stain = m["stain"]
-    seg = m["segmentation"]
-    cls = m["classification"]
-    t = m["temperature"]
-    stain_acc = _fmt(h["stain_accuracy"])
-    if h["stain_accuracy"] is not None:
-        stain_acc += f" (n={stain['n_known']} with known stain)"
-    out = [
-        f"# {m['title']}",
-        "",
-        f"{m['n_samples']} patches. Class metrics use calibrated probabilities "
-        f"softmax(logits / T) with T = {t:.3f}; the temperature changes confidence, "
-        "never the predicted class.",
-        "",
-        "## Summary",
-        "",
-        "| metric | value |",
-        "|---|---:|",
-        f"| macro-F1 | {_fmt(h['macro_f1'])} |",
-        f"| accuracy | {_fmt(h['accuracy'])} |",
-        f"| balanced accuracy | {_fmt(h['balanced_accuracy'])} |",
-        f"| macro ROC AUC (one-vs-rest) | {_fmt(h['macro_auc'])} |",
-        f"| ECE before temperature | {_fmt(h['ece_before'])} |",
-        f"| ECE after temperature | {_fmt(h['ece_after'])} |",
-        f"| NLL before / after | {_fmt(cal['nll_before'])} / {_fmt(cal['nll_after'])} |",
-        f"| calcium Dice | {_fmt(h['calcium_dice'])} |",
-        f"| mean deposit Dice | {_fmt(h['mean_deposit_dice'])} |",
-        f"| stain accuracy | {stain_acc} |",
-        f"| colour-only baseline macro-F1 | {_fmt(h['baseline_macro_f1'])} |",
-        "",
-    ]
-    if h["baseline_macro_f1"] is not None and h["macro_f1"] is not None:
-        gap = h["macro_f1"] - h["baseline_macro_f1"]
-        out += [
-            "The colour-only baseline is a logistic regression on colour histograms "
-            "(no spatial structure at all). The network's macro-F1 is "
-            f"{_fmt_delta(gap)} relative to it: "
-            + (
-                "that is what it reads from structure (lamellae and osteocytes versus "
-                "cracked amorphous masses, needle clefts versus waxy fissured globules)."
-                if gap > 0.05
-                else "little more than colour. Check the classes that share a colour "
-                "(calcium vs bone in von Kossa / Alizarin red, gout vs amyloid in H&E)."
-            ),
-            "",
-        ]
-
-    out += [
-        "## Per class",
-        "",
-        "| class | precision | recall | F1 | ROC AUC | support | predicted |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in cls["per_class"].items():
-        out.append(
-            f"| {name} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | "
-            f"{_fmt(r['auc'])} | {r['support']} | {r['predicted']} |"
-        )
-    out += [
-        "",
-        "Rows of the confusion matrix are the true classes, columns the predicted ones.",
-        "",
-        "![Confusion matrix](confusion_matrix.png)",
-        "",
-        "![ROC curves](roc.png)",
-        "",
-        "## Calibration",
-        "",
-        f"Expected calibration error (top label, {cal['n_bins']} equal-width bins) "
-        f"{_fmt(cal['ece_before'])} before and {_fmt(cal['ece_after'])} after temperature "
-        f"scaling (T = {t:.3f}). If T was fitted on this same set, the 'after' value is optimistic.",
-        "",
-        "![Reliability diagram](reliability.png)",
-        "",
-        "## Per stain",
-        "",
-    ]
-    if stain["per_stain"]:
-        out += [
-            f"Grouped by the {stain['grouping']}.",
-            "",
-            "| stain | n | stain known | stain predicted | accuracy | macro-F1 |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in stain["per_stain"].items():
-            out.append(
-                f"| {name} | {r['n']} | {r['n_true_stain']} | {r['n_predicted_stain']} | "
-                f"{_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} |"
-            )
-        out.append("")
-    if stain["confusion"] is not None:
-        names = stain["stain_names"]
-        out += [
-            f"Stain head on the {stain['n_known']} patches with a known stain "
-            f"({stain['n_unknown']} unknown left out); rows true, columns predicted:",
-            "",
-            "| true \\ predicted | " + " | ".join(names) + " |",
-            "|---|" + "---:|" * len(names),
-        ]
-        for name, row in zip(names, stain["confusion"], strict=True):
-            out.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-        out.append("")
-    else:
-        out += ["No stain labels (or no stain head outputs): stain accuracy not measured.", ""]
-
-    out += ["## Deposit segmentation", ""]
-    if seg is None:
-        out += ["No pixel masks in this set: Dice and IoU not measured.", ""]
-    else:
-        out += [
-            f"{seg['total_pixels']} labelled pixels, pixel accuracy {_fmt(seg['pixel_accuracy'])}. "
-            "Mean deposit Dice averages the deposit labels (not tissue) that occur in the "
-            "masks or the predictions.",
-            "",
-            "| label | Dice | IoU | target pixels | predicted pixels |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, r in seg["per_label"].items():
-            out.append(
-                f"| {name} | {_fmt(r['dice'])} | {_fmt(r['iou'])} | {r['support']} | {r['predicted']} |"
-            )
-        out.append("")
-
-    base = m["baseline"]
-    if base is not None:
-        out += [
-            "## Colour-only baseline",
-            "",
-            f"macro-F1 {_fmt(base['macro_f1'])}, accuracy {_fmt(base['accuracy'])}.",
-            "",
-            "| class | baseline F1 | network F1 |",
-            "|---|---:|---:|",
-        ]
-        for name, r in base["per_class"].items():
-            out.append(f"| {name} | {_fmt(r['f1'])} | {_fmt(cls['per_class'][name]['f1'])} |")
-        out.append("")
-
-    for section, value in (extra or {}).items():
-        out += [f"## {section}", ""]
-        if isinstance(value, str):
-            out += [value.rstrip(), ""]
-        else:
-            out += ["```json", json.dumps(to_jsonable(value), indent=2), "```", ""]
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- #
-# Plots
-# --------------------------------------------------------------------------- #
-
-_DPI = 120
-
-
-def _new_figure(width: float, height: float) -> Any:
-    """A Figure on the Agg canvas, independent of pyplot and the global backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-
-
-def _plot_confusion(path: Path, cls: dict[str, Any], title: str) -> None:
-    names = cls["class_names"]
-    cm = np.asarray(cls["confusion_matrix"], dtype=np.int64)
-    k = len(names)
-    side = max(4.5, 1.0 + 0.9 * k)
-    fig = _new_figure(side + 1.2, side)
-    ax = fig.add_subplot(1, 1, 1)
-    # Colour by row share so a rare class's errors are as visible as a common
-    # class's; the annotation gives the raw count.
-    rows = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
-    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    cbar.set_label("share of true class")
-    for i in range(k):
-        for j in range(k):
-            ax.text(
-                j,
-                i,
-                str(cm[i, j]),
-                ha="center",
-                va="center",
-                fontsize=10,
-                color="white" if share[i, j] > 0.5 else "black",
-            )
-    ax.set_xticks(range(k), labels=[_pretty(n) for n in names], rotation=35, ha="right")
-    ax.set_yticks(range(k), labels=[_pretty(n) for n in names])
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    acc = cls["accuracy"]
-    ax.set_title(
-        f"{title}: confusion matrix" + (f" (accuracy {acc:.3f})" if acc is not None else "")
-    )
-    _save(fig, path)
-
-
-def _plot_reliability(
-    path: Path, before: dict[str, Any], after: dict[str, Any], cal: dict[str, Any]
-) -> None:
-    fig = _new_figure(10.0, 5.5)
-    grid = fig.add_gridspec(2, 2, height_ratios=[3, 1])
-    panels = [
-        (before, f"before calibration (T = 1), ECE {_fmt(cal['ece_before'])}", "tab:red"),
-        (
-            after,
-            f"after calibration (T = {cal['temperature']:.2f}), ECE {_fmt(cal['ece_after'])}",
-            "tab:blue",
-        ),
-    ]
-    for col, (bins, label, colour) in enumerate(panels):
-        edges = np.asarray(bins["edges"], dtype=float)
-        centres = (edges[:-1] + edges[1:]) / 2
-        width = edges[1] - edges[0]
-        acc = np.asarray(bins["accuracy"], dtype=float)
-        conf = np.asarray(bins["confidence"], dtype=float)
-        count = np.asarray(bins["count"], dtype=float)
-        nz = count > 0
-        ax = fig.add_subplot(grid[0, col])
-        ax.bar(centres[nz], acc[nz], width=width * 0.95, color=colour, alpha=0.75, label="accuracy")
-        ax.bar(
-            centres[nz],
-            conf[nz] - acc[nz],
-            bottom=acc[nz],
-            width=width * 0.95,
-            color="none",
-            edgecolor="black",
-            hatch="//",
-            linewidth=0.5,
-            label="gap to confidence",
-        )
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
-        ax.set_title(label, fontsize=10)
-        ax.legend(loc="upper left", fontsize=8)
-        hax = fig.add_subplot(grid[1, col], sharex=ax)
-        hax.bar(centres, count, width=width * 0.95, color="grey")
-        hax.set_xlabel("confidence (top-class probability)")
-        hax.set_ylabel("patches")
-    fig.suptitle("Reliability diagram")
-    _save(fig, path)
-
-
-def _plot_roc(
-    path: Path, y: np.ndarray, probs: np.ndarray, cls: dict[str, Any], title: str
-) -> None:
-    from sklearn.metrics import roc_curve
-
-    fig = _new_figure(6.5, 5.5)
-    ax = fig.add_subplot(1, 1, 1)
-    drawn = 0
-    for i, name in enumerate(cls["class_names"]):
-        auc = cls["per_class"][name]["auc"]
-        if auc is None:
-            continue
-        fpr, tpr, _ = roc_curve(y == i, probs[:, i])
-        ax.plot(fpr, tpr, linewidth=1.8, label=f"{_pretty(name)} (AUC {auc:.3f})")
-        drawn += 1
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="chance")
-    if drawn == 0:
-        ax.text(
-            0.5,
-            0.55,
-            "no class has both positives and negatives:\nROC undefined",
-            ha="center",
-            va="center",
-        )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    macro = cls["macro_auc"]
-    ax.set_title(
-        f"{title}: one-vs-rest ROC" + (f" (macro AUC {macro:.3f})" if macro is not None else "")
-    )
-    ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
 
 
 # --------------------------------------------------------------------------- #
@@ -1122,22 +647,3 @@ def _float_or_none(x: Any) -> float | None:
         return None
     v = float(x)
     return v if math.isfinite(v) else None
-
-
-def _fmt(x: Any) -> str:
-    return "n/a" if x is None else f"{float(x):.3f}"
-
-
-def _fmt_delta(x: Any) -> str:
-    return "n/a" if x is None else f"{float(x):+.3f}"
-
-
-def _pretty(name: str) -> str:
-    return name.replace("_", " ")
-
-
-def _write_text(path: Path, text: str) -> None:
-    # Write beside the target and rename, so a reader never sees half a file.
-    from calcinosis.model.fileio import atomic_write_text
-
-    atomic_write_text(path, text)
