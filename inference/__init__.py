@@ -1,4 +1,4 @@
-"""Prediction for pathologists: tiling, overlays, GeoJSON, export, benchmarks and the CLI.
+"""Prediction for pathologists: tiling, overlays, GeoJSON, export, benchmarks and their commands.
 
 The public names are imported lazily, so ``calcinosis --help`` (which imports
 this package for the CLI) stays instant and nothing pulls in torch until a
@@ -12,7 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "Predictor": "predictor",
-    "PatchResult": "predictor",
+    "PatchResult": "result",
     "BACKENDS": "predictor",
     "tile_grid": "tiling",
     "blend_weights": "tiling",
@@ -32,6 +32,8 @@ _EXPORTS = {
     "tissue_fraction": "tissue",
     "focus_measure": "tissue",
     "export_onnx": "export",
+    "collect_inputs": "inputs",
+    "load_images": "inputs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -295,7 +295,7 @@ def _end_to_end(
     ckpt: Path, backend: str, images: list[np.ndarray], tmp: Path, batch: int
 ) -> dict[str, Any]:
     """``calcinosis predict`` on a folder of PNGs, with and without overlays/GeoJSON."""
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     folder = tmp / "pngs"
     folder.mkdir()

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from calcinosis.model.errors import DataError, ImageReadError
+from calcinosis.model.imageio import IMAGE_EXTENSIONS, load_image
 from calcinosis.model.manifest import parse_mpp, parse_split, read_rows
-from calcinosis.training.imageio import IMAGE_EXTENSIONS, load_image
 
 from .slide import SLIDE_ONLY_EXTENSIONS
 

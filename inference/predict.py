@@ -427,7 +427,7 @@ def _decoded_chunks(
     image, and the values are prepared images instead of arrays; a value is
     the exception instead when reading or preparing failed.
     """
-    from calcinosis.training.imageio import image_size
+    from calcinosis.model.imageio import image_size
 
     def plan() -> Iterator[list[int]]:
         chunk: list[int] = []
@@ -469,7 +469,7 @@ def _read(
     """Decode one input (in a pool thread), and prepare it when ``prepare`` is given."""
     if item.error is not None:
         raise CalcinosisError(item.error)
-    from calcinosis.training.imageio import read_rgb
+    from calcinosis.model.imageio import read_rgb
 
     rgb = read_rgb(item.path, max_pixels=max_pixels)
     if prepare is None:

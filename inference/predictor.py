@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, CheckpointError
+from calcinosis.model.imageio import load_image
 from calcinosis.model.labels import (
     CLASS_NAMES,
     DEPOSIT_LABELS,
@@ -48,7 +49,6 @@ from calcinosis.model.labels import (
 from calcinosis.model.metadata import checkpoint_tta, setting
 from calcinosis.model.preprocess import Placement, Preprocessing, resample_to_mpp
 from calcinosis.model.tta import numpy_d4
-from calcinosis.training.imageio import load_image
 
 from .export import cached_onnx, read_onnx_metadata
 from .lesions import LESION_THRESHOLD, MIN_LESION_AREA_UM2, Lesions, find_lesions, region_call

@@ -51,9 +51,9 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from calcinosis.model import imageio
 from calcinosis.model.errors import CalcinosisError, ImageReadError
-from calcinosis.training import imageio
-from calcinosis.training.imageio import check_file, load_image
+from calcinosis.model.imageio import check_file, load_image
 
 from .result import PatchResult
 from .tiling import PAD_VALUE, PixelSource

@@ -1,8 +1,11 @@
-"""Networks and checkpoints for calcinosis cutis and its mimics.
+"""Networks and checkpoints for calcinosis cutis and its mimics, and what both sides share.
 
 This package builds the model (``create_model``), loads starting weights
 (``load_init_weights``) and reads/writes self-describing safetensors
-checkpoints. It knows nothing of datasets or training loops.
+checkpoints with their preprocessing (``Preprocessing``). It also holds what
+training and inference both need, so that neither imports the other: labels,
+errors, atomic file IO, image IO, manifests, stain normalisation, the colour
+baseline and the command-line dispatcher. It knows nothing of training loops.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,7 @@ _LAZY = {
     "create_model": "factory",
     "CalcinosisNet": "network",
     "load_init_weights": "weights",
+    "Preprocessing": "preprocess",
 }
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
     )
     from .factory import create_model
     from .network import CalcinosisNet
+    from .preprocess import Preprocessing
     from .weights import load_init_weights
 
 
@@ -82,6 +87,7 @@ __all__ = [
     "DataError",
     "ImageReadError",
     "ModelConfig",
+    "Preprocessing",
     "TrainingError",
     "create_model",
     "load_checkpoint",

@@ -18,9 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from calcinosis.training.imageio import read_rgb
-
 from .errors import DataError, ImageReadError
+from .imageio import read_rgb
 from .manifest import Sample
 
 __all__ = [

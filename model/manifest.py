@@ -11,7 +11,7 @@ duplicate and missing columns named with the fix). On top of it:
   robustness table's real patches): ``path,label[,stain,mask_path,split,mpp,group]``,
   every problem reported at once with its line, as :class:`Sample` rows;
 * ``calcinosis predict`` reads ``path[,mpp,split]`` rows leniently, one error
-  row per bad line (:mod:`calcinosis.inference.inputs`).
+  row per bad line (``inference/inputs.py``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from calcinosis.training.imageio import IMAGE_EXTENSIONS
-
 from .errors import DataError
+from .imageio import IMAGE_EXTENSIONS
 from .labels import CLASS_NAMES, STAIN_NAMES
 
 __all__ = [

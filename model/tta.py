@@ -107,10 +107,6 @@ def resolve_tta(
     With a fitted temperature (``calibrated``), the warning says when the mode
     differs from the one the temperature was ``fitted`` in.
     """
-    if isinstance(default, dict):  # transitional: metadata passed by an older caller
-        from .metadata import checkpoint_tta
-
-        return checkpoint_tta(default, requested)
     mode = requested or default or "none"
     if mode not in TTA_MODES:
         raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {mode!r}")

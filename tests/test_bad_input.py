@@ -19,9 +19,9 @@ from PIL import Image
 
 from calcinosis.inference.cli import main as cli_main
 from calcinosis.inference.predict import EXIT_SOME_FAILED
+from calcinosis.model import imageio
+from calcinosis.model.imageio import read_rgb, write_png
 from calcinosis.model.labels import CLASS_NAMES
-from calcinosis.training import imageio
-from calcinosis.training.imageio import read_rgb, write_png
 
 FIXTURES = Path(__file__).parent / "fixtures" / "images"
 GOOD = ("calcinosis_cutis/he_0000.png", "gout/von_kossa_0001.png")

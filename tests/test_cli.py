@@ -89,7 +89,7 @@ def test_int8_and_bench_need_images_from_the_caller(predict_checkpoint_64, tmp_p
 
 @pytest.mark.slow
 def test_export_int8_calibrates_on_the_given_folder(predict_checkpoint_64, tmp_path, capsys):
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     folder = tmp_path / "cal"
     folder.mkdir()

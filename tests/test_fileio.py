@@ -103,7 +103,7 @@ def test_text_and_bytes_follow_the_umask(tmp_path):
 def test_png_and_checkpoint_are_readable_by_others_under_umask_022(tmp_path, robust_checkpoint):
     """mkstemp makes 0600 files: overlays and checkpoints were unreadable to colleagues."""
     from calcinosis.model import load_checkpoint, read_checkpoint_metadata, save_checkpoint
-    from calcinosis.training.imageio import read_rgb, write_png
+    from calcinosis.model.imageio import read_rgb, write_png
 
     model, meta = load_checkpoint(robust_checkpoint)
     img = np.full((8, 8, 3), 200, np.uint8)

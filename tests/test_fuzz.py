@@ -21,7 +21,7 @@ from PIL import Image
 
 from calcinosis.inference.predictor import STATUSES, PatchResult
 from calcinosis.model.errors import CalcinosisError, ImageReadError
-from calcinosis.training.imageio import image_size, read_mask, read_rgb
+from calcinosis.model.imageio import image_size, read_mask, read_rgb
 
 # Damaged files make PIL warn (corrupt EXIF, decompression bomb, ...): expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

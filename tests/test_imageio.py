@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from calcinosis.model import imageio
 from calcinosis.model.errors import ImageReadError
-from calcinosis.training import imageio
-from calcinosis.training.imageio import (
+from calcinosis.model.imageio import (
     IMAGE_EXTENSIONS,
     image_size,
     is_image_file,

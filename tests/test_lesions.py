@@ -326,7 +326,7 @@ def test_predict_cli_writes_lesions_to_json_csv_and_geojson(
 ):
     import calcinosis.inference.predict as predict_mod
     from calcinosis.inference.cli import main as cli_main
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     img, _ = nodule_region()
     write_png(tmp_path / "region.png", img)

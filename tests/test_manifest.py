@@ -9,8 +9,8 @@ import pytest
 
 from calcinosis.inference.inputs import collect_inputs, load_images
 from calcinosis.model import DataError
+from calcinosis.model.imageio import write_png
 from calcinosis.model.manifest import parse_mpp, parse_split, read_manifest, read_rows
-from calcinosis.training.imageio import write_png
 
 
 def _png(path: Path) -> Path:

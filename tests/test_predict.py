@@ -208,7 +208,7 @@ def test_safe_and_unique_names_never_escape():
 
 
 def test_collect_inputs_folders_manifests_and_missing(tmp_path):
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     (tmp_path / "d" / "sub").mkdir(parents=True)
     write_png(tmp_path / "d" / "sub" / "one.PNG", tissue())
@@ -229,7 +229,7 @@ def test_collect_inputs_folders_manifests_and_missing(tmp_path):
 
 
 def test_predict_cli_bad_files_odd_names_and_outputs(predict_checkpoint, tmp_path, capsys):
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     src = tmp_path / "in"
     for sub in ("a", "b", "we ird"):
@@ -288,7 +288,7 @@ def test_predict_cli_bad_files_odd_names_and_outputs(predict_checkpoint, tmp_pat
 
 
 def test_predict_cli_all_good_exits_zero(predict_checkpoint, tmp_path):
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     write_png(tmp_path / "p.png", tissue())
     rc = cli_main(
@@ -319,7 +319,7 @@ def test_onnx_export_matches_torch_and_is_self_describing(predict_checkpoint, tm
     fixtures = sorted(Path(__file__).parent.joinpath("fixtures", "images").rglob("*.png"))[:8]
     images = None
     if fixtures:
-        from calcinosis.training.imageio import read_rgb
+        from calcinosis.model.imageio import read_rgb
 
         images = [read_rgb(f) for f in fixtures]
     diffs = check_parity(predict_checkpoint, onnx_path, images=images)

@@ -9,6 +9,7 @@ one and enlarged 1.6x by the other.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,8 @@ from helpers import tissue
 
 from calcinosis.inference.predictor import Predictor
 from calcinosis.model import read_checkpoint_metadata
+from calcinosis.model.imageio import write_png
 from calcinosis.model.preprocess import Preprocessing
-from calcinosis.training import metrics
-from calcinosis.training.imageio import write_png
 
 SIZE = 64
 
@@ -60,18 +60,29 @@ def _manifest(folder: Path) -> tuple[Path, list[Path]]:
 
 
 def _evaluate_probabilities(ckpt: Path, manifest: Path, out: Path, monkeypatch) -> np.ndarray:
-    """Calibrated probabilities ``calcinosis evaluate`` computes its report from."""
-    from calcinosis.training.evaluate import evaluate_checkpoint
+    """Calibrated probabilities ``calcinosis evaluate`` computes its report from.
 
+    They are what it hands to ``write_report`` (logits and temperature), caught
+    on the way through whichever module evaluate calls it on.
+    """
+    from calcinosis.training import evaluate
+
+    holder = next(
+        m
+        for m in vars(evaluate).values()
+        if isinstance(m, types.ModuleType) and hasattr(m, "write_report")
+    )
     seen: dict = {}
-    real = metrics.write_report
+    real = holder.write_report
 
     def spy(out_dir, **kwargs):
         seen.update(kwargs)
         return real(out_dir, **kwargs)
 
-    monkeypatch.setattr(metrics, "write_report", spy)
-    evaluate_checkpoint(ckpt, manifest, out_dir=out, baseline=False, device="cpu", batch_size=8)
+    monkeypatch.setattr(holder, "write_report", spy)
+    evaluate.evaluate_checkpoint(
+        ckpt, manifest, out_dir=out, baseline=False, device="cpu", batch_size=8
+    )
     z = np.asarray(seen["logits"], np.float64) / seen["temperature"]
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)

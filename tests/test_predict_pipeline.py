@@ -67,7 +67,7 @@ def _args(ckpt: Path, src: Path, out: Path, **kw) -> argparse.Namespace:
 
 def test_png_compression_level_and_cpu_seconds(robust_checkpoint, tmp_path, capsys):
     from calcinosis.inference.predict import run_predict
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     src = tmp_path / "in"
     src.mkdir()

@@ -142,7 +142,7 @@ def test_generic_tiff_mpp_from_resolution_tags(region_rgb, tmp_path):
 def test_which_files_are_slides(svs, region_rgb, tmp_path):
     from PIL import Image
 
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     tiled = write_generic(tmp_path / "tiled.tif", [region_rgb], (2e4, 2e4), "CENTIMETER")
     Image.fromarray(region_rgb).save(tmp_path / "strips.tif")  # an ordinary (stripped) TIFF
@@ -219,7 +219,7 @@ def _all_coords(geom: dict) -> np.ndarray:
 def test_predict_slide_region_matches_png_and_geojson_lands_in_place(
     svs, region_rgb, robust_checkpoint, tmp_path, capsys
 ):
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     x, y, w, h = 96, 64, 320, 256
     png = write_png(tmp_path / "crop.png", region_rgb[y : y + h, x : x + w])

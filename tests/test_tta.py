@@ -14,6 +14,7 @@ from test_train import make_cfg
 
 from calcinosis.inference.predictor import Predictor
 from calcinosis.model import load_checkpoint, read_checkpoint_metadata
+from calcinosis.model.metadata import checkpoint_tta
 from calcinosis.model.tta import numpy_d4, resolve_tta, torch_d4
 
 SIZE = 64  # the input side of conftest's robust_checkpoint
@@ -79,15 +80,24 @@ def test_d4_region_mode(robust_checkpoint: Path) -> None:
 
 def test_default_mode_comes_from_the_checkpoint_and_mismatch_warns() -> None:
     meta = {"config": {"inference": {"tta": "d4"}}, "temperature": 1.2}
-    mode, warning = resolve_tta(meta)
+    mode, warning = checkpoint_tta(meta)
     assert mode == "d4" and "fitted with 'none'" in warning
     meta["calibration"] = {"tta": "d4"}
-    assert resolve_tta(meta) == ("d4", None)
-    mode, warning = resolve_tta(meta, "none")
+    assert checkpoint_tta(meta) == ("d4", None)
+    mode, warning = checkpoint_tta(meta, "none")
     assert mode == "none" and "inference.tta: none" in warning
-    assert resolve_tta({}) == ("none", None)  # older checkpoints: one pass, no warning
+    assert checkpoint_tta({}) == ("none", None)  # older checkpoints: one pass, no warning
     with pytest.raises(ValueError, match="d4"):
-        resolve_tta({}, "flips")
+        checkpoint_tta({}, "flips")
+
+
+def test_resolve_tta_takes_resolved_values_not_a_config_layout() -> None:
+    assert resolve_tta("d4") == ("d4", None)  # no temperature fitted: nothing to warn about
+    assert resolve_tta("none", "d4", fitted="d4", calibrated=True) == ("d4", None)
+    mode, warning = resolve_tta("d4", None, fitted="none", calibrated=True)
+    assert mode == "d4" and "fitted with 'none'" in warning
+    with pytest.raises(ValueError, match="d4"):
+        resolve_tta("none", "flips")
 
 
 def test_calibration_is_fitted_in_the_configured_mode(
@@ -116,7 +126,7 @@ def test_calibration_is_fitted_in_the_configured_mode(
 
 def test_predict_records_the_mode_it_ran(robust_checkpoint: Path, tmp_path: Path) -> None:
     from calcinosis.inference.cli import main
-    from calcinosis.training.imageio import write_png
+    from calcinosis.model.imageio import write_png
 
     write_png(tmp_path / "a.png", tissue(SIZE, SIZE, seed=5))
     for mode in ("d4", "none"):

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from calcinosis.model.errors import ImageReadError
-from calcinosis.model.fileio import atomic_write
+from .errors import ImageReadError
+from .fileio import atomic_write
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
