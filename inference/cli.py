@@ -19,20 +19,7 @@ from calcinosis.model.cli import Command, add_tta_argument, main
 __all__ = ["bench", "export", "main", "predict", "robustness"]
 
 
-def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="predict classes, deposits and stain for images, folders or a manifest",
-        description=(
-            "Predict calibrated class probabilities, the stain and the deposit map for each "
-            "input; write predictions.csv/json, overlay PNGs and QuPath GeoJSON. Images much "
-            "larger than the network input are tiled (region mode) and get a tile table. "
-            "Whole-slide files (.svs .ndpi .scn .bif, tiled .tif; .mrxs .vms with OpenSlide) "
-            "are read a band of tiles at a time, never whole: see --level and --region. "
-            "Exit status: 0 when every input was processed, 3 when some inputs could not "
-            "be read (their rows say status=error and why), 2 for usage errors."
-        ),
-    )
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "inputs",
         nargs="+",
@@ -152,16 +139,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export a checkpoint to ONNX",
-        description=(
-            "Export a checkpoint to a self-describing ONNX file (dynamic batch axis; the "
-            "checkpoint metadata is stored in the model's metadata_props) and check that "
-            "ONNX Runtime reproduces PyTorch within 1e-3."
-        ),
-    )
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--onnx", required=True, help="output .onnx path")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -181,15 +159,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the PyTorch/ONNX parity check")
 
 
-def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="measure inference speed of each backend on this machine",
-        description=(
-            "Throughput, latency, peak memory and agreement with fp32 eager for each backend "
-            "(each in a fresh process), plus the end-to-end predict rate on a folder of PNGs."
-        ),
-    )
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
     p.add_argument(
         "--backends",
@@ -230,16 +200,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "robustness",
-        help="one table: the network beside the colour-only baseline on every held-out set",
-        description=(
-            "Collect evaluation reports (folders of `calcinosis evaluate`) and, optionally, "
-            "predictions on real patches into one table of the network's macro-F1 beside the "
-            "colour-histogram baseline's. Sets that were not run are listed as such."
-        ),
-    )
+def _robustness_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for robustness.md and robustness.json")
     p.add_argument(
         "--report",
@@ -262,11 +223,56 @@ def _add_robustness_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--title", default=None, help="heading of robustness.md")
 
 
-predict = Command("predict", 40, _add_predict_parser, "calcinosis.inference.predict:run_predict")
-export = Command("export", 50, _add_export_parser, "calcinosis.inference.export:run_export")
-bench = Command("bench", 60, _add_bench_parser, "calcinosis.inference.bench:run_bench")
+predict = Command(
+    "predict",
+    40,
+    _predict_arguments,
+    "calcinosis.inference.predict:run_predict",
+    help="predict classes, deposits and stain for images, folders or a manifest",
+    description=(
+        "Predict calibrated class probabilities, the stain and the deposit map for each "
+        "input; write predictions.csv/json, overlay PNGs and QuPath GeoJSON. Images much "
+        "larger than the network input are tiled (region mode) and get a tile table. "
+        "Whole-slide files (.svs .ndpi .scn .bif, tiled .tif; .mrxs .vms with OpenSlide) "
+        "are read a band of tiles at a time, never whole: see --level and --region. "
+        "Exit status: 0 when every input was processed, 3 when some inputs could not "
+        "be read (their rows say status=error and why), 2 for usage errors."
+    ),
+)
+export = Command(
+    "export",
+    50,
+    _export_arguments,
+    "calcinosis.inference.export:run_export",
+    help="export a checkpoint to ONNX",
+    description=(
+        "Export a checkpoint to a self-describing ONNX file (dynamic batch axis; the "
+        "checkpoint metadata is stored in the model's metadata_props) and check that "
+        "ONNX Runtime reproduces PyTorch within 1e-3."
+    ),
+)
+bench = Command(
+    "bench",
+    60,
+    _bench_arguments,
+    "calcinosis.inference.bench:run_bench",
+    help="measure inference speed of each backend on this machine",
+    description=(
+        "Throughput, latency, peak memory and agreement with fp32 eager for each backend "
+        "(each in a fresh process), plus the end-to-end predict rate on a folder of PNGs."
+    ),
+)
 robustness = Command(
-    "robustness", 70, _add_robustness_parser, "calcinosis.inference.robustness:run_robustness"
+    "robustness",
+    70,
+    _robustness_arguments,
+    "calcinosis.inference.robustness:run_robustness",
+    help="one table: the network beside the colour-only baseline on every held-out set",
+    description=(
+        "Collect evaluation reports (folders of `calcinosis evaluate`) and, optionally, "
+        "predictions on real patches into one table of the network's macro-F1 beside the "
+        "colour-histogram baseline's. Sets that were not run are listed as such."
+    ),
 )
 
 

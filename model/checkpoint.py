@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_path
+from .metadata import require_known_keys
 from .network import CalcinosisNet
 from .preprocess import PREPROCESSING_KEY, Preprocessing
 
@@ -145,13 +146,7 @@ def model_config_from_metadata(meta: dict[str, Any], path: PathLike) -> ModelCon
         raise CheckpointError(
             f"{path}: metadata has no 'model' section to rebuild the network from"
         )
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(stored) - known)
-    if unknown:
-        raise CheckpointError(
-            f"{path}: metadata 'model' has keys this version does not know: {unknown}. "
-            "It was probably written by a newer calcinosis; upgrade the package."
-        )
+    require_known_keys(stored, ModelConfig, "model", f"{path}: ")
     kwargs = {k: v for k, v in stored.items() if k != "init_weights"}
     try:
         return ModelConfig(**kwargs)

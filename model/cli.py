@@ -38,15 +38,19 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: how to declare its parser, and the function that runs it."""
+    """One subcommand: its name and help, its options, and the function that runs it."""
 
     name: str
     #: Position in ``calcinosis --help`` (the story's order: data, training, use).
     order: int
-    #: ``add_parser(subparsers)`` adds ``subparsers.add_parser(name, ...)`` and its options.
-    add_parser: Callable[[argparse._SubParsersAction], object]
+    #: ``add_arguments(parser)`` declares the command's options on its own sub-parser.
+    add_arguments: Callable[[argparse.ArgumentParser], object]
     #: ``"module:function"``; the function takes the parsed arguments and returns an exit code.
     run: str
+    #: One line for ``calcinosis --help``.
+    help: str
+    #: The paragraph of ``calcinosis NAME --help`` (default: ``help``).
+    description: str | None = None
 
 
 def commands() -> list[Command]:
@@ -81,7 +85,9 @@ def build_parser(available: Sequence[Command] | None = None) -> argparse.Argumen
     parser.add_argument("--version", action="version", version=f"calcinosis {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in commands() if available is None else available:
-        cmd.add_parser(sub)
+        cmd.add_arguments(
+            sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        )
     return parser
 
 

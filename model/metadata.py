@@ -9,9 +9,12 @@ laid out.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
-__all__ = ["checkpoint_tta", "setting"]
+from .errors import CheckpointError
+
+__all__ = ["checkpoint_tta", "require_known_keys", "setting"]
 
 
 def setting(
@@ -51,3 +54,17 @@ def checkpoint_tta(meta: dict[str, Any], requested: str | None = None) -> tuple[
         fitted=calibration.get("tta", "none"),
         calibrated=meta.get("temperature") is not None,
     )
+
+
+def require_known_keys(section: dict[str, Any], schema: type, name: str, where: str = "") -> None:
+    """CheckpointError when a metadata ``section`` has keys the dataclass ``schema`` lacks.
+
+    Such keys come from a newer calcinosis; silently dropping them could
+    change what the checkpoint means. ``where`` prefixes the message (a path).
+    """
+    unknown = sorted(set(section) - {f.name for f in fields(schema)})
+    if unknown:
+        raise CheckpointError(
+            f"{where}metadata '{name}' has keys this version does not know: {unknown}. "
+            "It was probably written by a newer calcinosis; upgrade the package."
+        )

@@ -26,14 +26,14 @@ The steps, in order:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
 from .errors import CheckpointError, ConfigError
-from .metadata import setting
+from .metadata import require_known_keys, setting
 
 __all__ = [
     "FIT_MODES",
@@ -163,13 +163,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, section: dict[str, Any]) -> Preprocessing:
         """Rebuild from :meth:`to_dict`'s output; unknown keys are an error (a newer writer)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise CheckpointError(
-                f"metadata '{PREPROCESSING_KEY}' has keys this version does not know: {unknown}. "
-                "It was probably written by a newer calcinosis; upgrade the package."
-            )
+        require_known_keys(section, cls, PREPROCESSING_KEY)
         try:
             return cls(**section)
         except (ConfigError, TypeError, ValueError) as exc:

@@ -56,7 +56,7 @@ def test_errors_the_user_can_fix_are_one_line_and_ctrl_c_is_130(monkeypatch, cap
     err = capsys.readouterr().err
     assert err.startswith("calcinosis export: error: --onnx must end in .onnx")
     assert "Traceback" not in err
-    fake = cli.Command("sleep", 1, lambda sub: sub.add_parser("sleep"), f"{__name__}:_interrupted")
+    fake = cli.Command("sleep", 1, lambda p: None, f"{__name__}:_interrupted", help="sleeps")
     monkeypatch.setattr(cli, "commands", lambda: [fake])
     assert cli.main(["sleep"]) == 130
     assert "interrupted" in capsys.readouterr().err

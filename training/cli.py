@@ -15,18 +15,7 @@ from calcinosis.model.cli import Command, add_tta_argument
 __all__ = ["evaluate", "synth", "train"]
 
 
-def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "synth",
-        help="generate synthetic skin-histology patches with exact pixel labels",
-        description=(
-            "Render synthetic H&E, von Kossa and Alizarin red patches of the five classes "
-            "with their deposit label maps, and write images/, masks/ and manifest.csv "
-            "(stratified train/val/test split). With --region, render instead one large "
-            "region like an area exported from a slide: a mosaic of tissue with scattered "
-            "deposits and bare glass, written as a PNG with its label map and a JSON side-car."
-        ),
-    )
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         required=True,
@@ -83,16 +72,7 @@ def _add_synth_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model from a YAML config",
-        description=(
-            "Train from a YAML config; key=value pairs override config keys "
-            "(for example train.lr=3e-4 data.image_size=96). Run under torchrun for "
-            "several GPUs or processes."
-        ),
-    )
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument(
@@ -102,12 +82,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="evaluate a checkpoint and write a report",
-        description="Evaluate a checkpoint on a manifest split and write metrics, plots and a report.",
-    )
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
     p.add_argument(
         "--data", required=True, help="CSV manifest with path,label[,stain,mask_path,split]"
@@ -142,8 +117,37 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
-synth = Command("synth", 10, _add_synth_parser, "calcinosis.training.synthetic:run_synth")
-train = Command("train", 20, _add_train_parser, "calcinosis.training.train:run_train")
+synth = Command(
+    "synth",
+    10,
+    _synth_arguments,
+    "calcinosis.training.synthetic:run_synth",
+    help="generate synthetic skin-histology patches with exact pixel labels",
+    description=(
+        "Render synthetic H&E, von Kossa and Alizarin red patches of the five classes "
+        "with their deposit label maps, and write images/, masks/ and manifest.csv "
+        "(stratified train/val/test split). With --region, render instead one large "
+        "region like an area exported from a slide: a mosaic of tissue with scattered "
+        "deposits and bare glass, written as a PNG with its label map and a JSON side-car."
+    ),
+)
+train = Command(
+    "train",
+    20,
+    _train_arguments,
+    "calcinosis.training.train:run_train",
+    help="train a model from a YAML config",
+    description=(
+        "Train from a YAML config; key=value pairs override config keys "
+        "(for example train.lr=3e-4 data.image_size=96). Run under torchrun for "
+        "several GPUs or processes."
+    ),
+)
 evaluate = Command(
-    "evaluate", 30, _add_evaluate_parser, "calcinosis.training.evaluate:run_evaluate"
+    "evaluate",
+    30,
+    _evaluate_arguments,
+    "calcinosis.training.evaluate:run_evaluate",
+    help="evaluate a checkpoint and write a report",
+    description="Evaluate a checkpoint on a manifest split and write metrics, plots and a report.",
 )
