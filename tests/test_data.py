@@ -14,6 +14,7 @@ from PIL import Image
 from calcinosis.model.errors import DataError
 from calcinosis.model.labels import CLASS_NAMES
 from calcinosis.training import data as data_mod
+from calcinosis.training import dataset as dataset_mod
 from calcinosis.training.config import config_from_dict
 from calcinosis.training.data import (
     IGNORE_INDEX,
@@ -341,12 +342,14 @@ def test_load_samples_from_folders_assigns_splits_and_validates(tmp_path):
 
 
 def test_load_samples_synthetic_reuses_until_settings_change(tmp_path, monkeypatch):
+    import json
+
     from calcinosis.training import synthetic
 
     calls = []
 
-    def fake_generate(out_dir, n_per_class_stain, size=128, seed=0, shift=0.0, workers=0, mpp=0.5):
-        calls.append((n_per_class_stain, size, seed, shift))
+    def fake_generate(out_dir, n_per_class_stain, size=128, seed=0, shift=0.0, **kw):
+        calls.append((n_per_class_stain, size, seed, shift, kw))
         out = Path(out_dir)
         rows = []
         for c in CLASS_NAMES:
@@ -354,6 +357,10 @@ def test_load_samples_synthetic_reuses_until_settings_change(tmp_path, monkeypat
                 _img(out / "images" / c / f"he_{k}.png", size=(size, size), seed=k)
                 _mask(out / "masks" / c / f"he_{k}.png", size=(size, size))
                 rows.append(f"images/{c}/he_{k}.png,{c},he,masks/{c}/he_{k}.png,,0.5")
+        stamp = synthetic.dataset_stamp(
+            n_per_class_stain=n_per_class_stain, size=size, seed=seed, shift=shift, **kw
+        )
+        (out / synthetic.STAMP_NAME).write_text(json.dumps(stamp))
         return _write_manifest(out, rows, header="path,label,stain,mask_path,split,mpp")
 
     monkeypatch.setattr(synthetic, "generate_dataset", fake_generate)
@@ -363,12 +370,33 @@ def test_load_samples_synthetic_reuses_until_settings_change(tmp_path, monkeypat
     }
     first = load_samples(config_from_dict(raw))
     assert len(calls) == 1 and len(first) == 15
-    assert (tmp_path / "run" / "data" / "synth.json").is_file()
+    # the generator's own stamp is the one record: no second stamp file beside it
+    assert sorted(p.name for p in (tmp_path / "run" / "data").glob("*.json")) == ["synthetic.json"]
+    assert calls[0][4] == {"mpp": 0.5, "val_fraction": 0.15, "test_fraction": 0.15}
     load_samples(config_from_dict(raw))
     assert len(calls) == 1  # reused
     raw["data"]["synthetic"]["seed"] = 5
     load_samples(config_from_dict(raw))
     assert len(calls) == 2 and calls[-1][2] == 5  # settings changed -> regenerated
+    raw["data"]["val_fraction"] = 0.3
+    load_samples(config_from_dict(raw))
+    assert len(calls) == 3 and calls[-1][4]["val_fraction"] == 0.3  # the splits change too
+
+
+def test_synthetic_data_takes_the_configured_split_fractions(tmp_path):
+    # data.val_fraction / test_fraction reach the generator's split column (they
+    # used to be ignored for source: synthetic, which always held out 15 % + 15 %)
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {
+            "synthetic": {"n_per_class_stain": 4, "size": 32},
+            "image_size": 32,
+            "val_fraction": 0.5,
+            "test_fraction": 0.25,
+        },
+    }
+    counts = Counter(s.split for s in load_samples(config_from_dict(raw)))
+    assert counts == {"train": 15, "val": 30, "test": 15}
 
 
 # --------------------------------------------------------------------------- PatchDataset
@@ -442,13 +470,13 @@ def test_decoded_cache_reads_each_file_once_and_serves_the_same_items(data_datas
     cache = DecodedCache(2**20)
     cached = PatchDataset(samples, CLASS_NAMES, transform=tf, cache=cache)
     reads = Counter()
-    original = data_mod.read_rgb
+    original = dataset_mod.read_rgb
 
     def counting(path, *a, **kw):
         reads[str(path)] += 1
         return original(path, *a, **kw)
 
-    monkeypatch.setattr(data_mod, "read_rgb", counting)
+    monkeypatch.setattr(dataset_mod, "read_rgb", counting)
     for _ in range(3):  # three epochs
         for i in range(len(samples)):
             a, b = plain[i], cached[i]
@@ -480,7 +508,12 @@ def test_patch_dataset_rejects_unknown_labels(tmp_path):
 
 
 def test_data_module_exports():
-    assert data_mod.IGNORE_INDEX == -100
+    from calcinosis.training import metrics
+
+    # one IGNORE_INDEX (torch's default), the names the data module always offered
+    assert data_mod.IGNORE_INDEX is metrics.IGNORE_INDEX == -100
+    assert data_mod.PatchDataset is dataset_mod.PatchDataset
+    assert data_mod.MPP_TOLERANCE == 0.05
 
 
 def test_load_samples_with_the_real_generator(tmp_path):

@@ -66,7 +66,7 @@ def evaluate_checkpoint(
     the model's own training manifest, so that both see the same training
     data. Returns the metrics dict written to ``<out_dir>/metrics.json``.
     """
-    from .data import PatchDataset
+    from .dataset import PatchDataset
     from .transforms import EvalTransform
 
     checkpoint = Path(checkpoint)
@@ -115,8 +115,16 @@ def evaluate_checkpoint(
         baseline_probs=baseline_probs,
         title=f"{checkpoint.name} on {Path(manifest).name} ({split}, {len(samples)} patches)",
     )
+    result = _write_report(out, report_args, extra, reference)
+    _print_summary(result, out, result.get("comparison"))
+    return result
+
+
+def _write_report(
+    out: Path, report_args: dict[str, Any], extra: dict[str, Any], reference: Any
+) -> dict[str, Any]:
+    """The report; with a ``reference`` metrics.json, a second pass adds the comparison."""
     result = report.write_report(out, **report_args, extra=extra)
-    comparison = None
     if reference is not None:
         ref_path = Path(reference)
         comparison = compare_reports(_read_reference(ref_path), result)
@@ -125,7 +133,6 @@ def evaluate_checkpoint(
         )
         result = report.write_report(out, **report_args, extra=extra)
         result["comparison"] = comparison
-    _print_summary(result, out, comparison)
     return result
 
 

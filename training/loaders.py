@@ -179,7 +179,7 @@ def build_loaders(
     cfg: Config, samples: list, data_config: dict[str, Any], dist_info: DistInfo
 ) -> tuple[DataLoader, DataLoader | None, EpochSampler, int]:
     """Train and validation loaders; returns them with the sampler and steps per epoch."""
-    from .data import DecodedCache, PatchDataset
+    from .dataset import DecodedCache, PatchDataset
     from .transforms import build_eval_transform, build_train_transform
 
     class_names = list(cfg.model.class_names)
