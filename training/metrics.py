@@ -192,64 +192,22 @@ def classification_metrics(
     range 0..2). The confusion matrix has true classes as rows and predicted
     classes as columns.
     """
-    from sklearn.metrics import confusion_matrix, roc_auc_score
+    from sklearn.metrics import confusion_matrix
 
     names = list(class_names)
     p, y = _check_probs_labels(probs, labels)
     n, c = len(y), len(names)
     if p.shape[1] != c:
         raise ValueError(f"probs have {p.shape[1]} columns but {c} class names were given")
-
-    per_class: dict[str, dict[str, Any]] = {}
     if n == 0:
-        for name in names:
-            per_class[name] = dict.fromkeys(("precision", "recall", "f1", "auc"))
-            per_class[name].update(support=0, predicted=0)
-        return {
-            "n": 0,
-            "class_names": names,
-            "accuracy": None,
-            "balanced_accuracy": None,
-            "macro_f1": None,
-            "macro_auc": None,
-            "nll": None,
-            "brier": None,
-            "per_class": per_class,
-            "confusion_matrix": [[0] * c for _ in range(c)],
-        }
+        return _no_classification(names)
 
-    pred = p.argmax(axis=1)
-    cm = confusion_matrix(y, pred, labels=list(range(c)))
-    tp = np.diag(cm)
-    true_count = cm.sum(axis=1)
-    pred_count = cm.sum(axis=0)
+    cm = confusion_matrix(y, p.argmax(axis=1), labels=list(range(c)))
+    per_class = _per_class(cm, y, p, names)
 
-    f1s: list[float] = []
-    recalls: list[float] = []
-    aucs: list[float] = []
-    for i, name in enumerate(names):
-        precision = tp[i] / pred_count[i] if pred_count[i] else None
-        recall = tp[i] / true_count[i] if true_count[i] else None
-        denom = true_count[i] + pred_count[i]
-        f1 = 2 * tp[i] / denom if denom else None
-        positives = y == i
-        # ROC AUC needs both positives and negatives of this class.
-        auc = None
-        if 0 < positives.sum() < n:
-            auc = float(roc_auc_score(positives, p[:, i]))
-            aucs.append(auc)
-        if f1 is not None:
-            f1s.append(float(f1))
-        if recall is not None:
-            recalls.append(float(recall))
-        per_class[name] = {
-            "precision": _float_or_none(precision),
-            "recall": _float_or_none(recall),
-            "f1": _float_or_none(f1),
-            "support": int(true_count[i]),
-            "predicted": int(pred_count[i]),
-            "auc": auc,
-        }
+    def mean_of(key: str) -> float | None:
+        values = [r[key] for r in per_class.values() if r[key] is not None]
+        return float(np.mean(values)) if values else None
 
     p_true = np.clip(p[np.arange(n), y], _EPS, 1.0)
     onehot = np.zeros_like(p)
@@ -257,14 +215,59 @@ def classification_metrics(
     return {
         "n": int(n),
         "class_names": names,
-        "accuracy": float(tp.sum() / n),
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
-        "macro_f1": float(np.mean(f1s)) if f1s else None,
-        "macro_auc": float(np.mean(aucs)) if aucs else None,
+        "accuracy": float(np.diag(cm).sum() / n),
+        "balanced_accuracy": mean_of("recall"),
+        "macro_f1": mean_of("f1"),
+        "macro_auc": mean_of("auc"),
         "nll": float(-np.mean(np.log(p_true))),
         "brier": float(np.mean(np.sum((p - onehot) ** 2, axis=1))),
         "per_class": per_class,
         "confusion_matrix": cm.astype(int).tolist(),
+    }
+
+
+def _per_class(
+    cm: np.ndarray, y: np.ndarray, p: np.ndarray, names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1, support, predicted and one-vs-rest AUC of each class."""
+    from sklearn.metrics import roc_auc_score
+
+    tp, true_count, pred_count = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    per_class: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        denom = true_count[i] + pred_count[i]
+        positives = y == i
+        # ROC AUC needs both positives and negatives of this class.
+        auc = float(roc_auc_score(positives, p[:, i])) if 0 < positives.sum() < len(y) else None
+        per_class[name] = {
+            "precision": _float_or_none(tp[i] / pred_count[i] if pred_count[i] else None),
+            "recall": _float_or_none(tp[i] / true_count[i] if true_count[i] else None),
+            "f1": _float_or_none(2 * tp[i] / denom if denom else None),
+            "support": int(true_count[i]),
+            "predicted": int(pred_count[i]),
+            "auc": auc,
+        }
+    return per_class
+
+
+def _no_classification(names: list[str]) -> dict[str, Any]:
+    """:func:`classification_metrics` of no samples: counts 0, everything else None."""
+    per_class = {}
+    for name in names:
+        per_class[name] = dict.fromkeys(("precision", "recall", "f1", "auc"))
+        per_class[name].update(support=0, predicted=0)
+    c = len(names)
+    return {
+        "n": 0,
+        "class_names": names,
+        "accuracy": None,
+        "balanced_accuracy": None,
+        "macro_f1": None,
+        "macro_auc": None,
+        "nll": None,
+        "brier": None,
+        "per_class": per_class,
+        "confusion_matrix": [[0] * c for _ in range(c)],
     }
 
 
@@ -397,20 +400,9 @@ def evaluation_metrics(
     z, y = _check_logits_labels(logits, labels)
     if z.shape[1] != len(class_names):
         raise ValueError(f"logits have {z.shape[1]} columns but {len(class_names)} class names")
-    probs_raw = softmax(z)
     probs = softmax(z, temperature)
     cls = classification_metrics(y, probs, class_names)
-    calibration = {
-        "temperature": float(temperature),
-        "n_bins": N_BINS,
-        # No patches, no calibration evidence: None rather than a reassuring 0.
-        "ece_before": expected_calibration_error(probs_raw, y, N_BINS) if len(y) else None,
-        "ece_after": expected_calibration_error(probs, y, N_BINS) if len(y) else None,
-        "nll_before": classification_metrics(y, probs_raw, class_names)["nll"],
-        "nll_after": cls["nll"],
-        "reliability_before": reliability_bins(probs_raw, y, N_BINS),
-        "reliability_after": reliability_bins(probs, y, N_BINS),
-    }
+    calibration = _calibration(softmax(z), probs, y, class_names, temperature, cls["nll"])
     stain = stain_metrics(y, probs, stains, stain_logits, class_names, stain_names)
     seg = None
     if pixel_conf is not None and int(np.asarray(pixel_conf).sum()) > 0:
@@ -445,6 +437,28 @@ def evaluation_metrics(
             "baseline": baseline,
         }
     )
+
+
+def _calibration(
+    probs_raw: np.ndarray,
+    probs: np.ndarray,
+    y: np.ndarray,
+    class_names: list[str],
+    temperature: float,
+    nll_after: float | None,
+) -> dict[str, Any]:
+    """ECE, NLL and reliability bins before (T = 1) and after temperature scaling."""
+    return {
+        "temperature": float(temperature),
+        "n_bins": N_BINS,
+        # No patches, no calibration evidence: None rather than a reassuring 0.
+        "ece_before": expected_calibration_error(probs_raw, y, N_BINS) if len(y) else None,
+        "ece_after": expected_calibration_error(probs, y, N_BINS) if len(y) else None,
+        "nll_before": classification_metrics(y, probs_raw, class_names)["nll"],
+        "nll_after": nll_after,
+        "reliability_before": reliability_bins(probs_raw, y, N_BINS),
+        "reliability_after": reliability_bins(probs, y, N_BINS),
+    }
 
 
 def stain_metrics(
@@ -486,8 +500,32 @@ def stain_metrics(
         np.add.at(conf, (s_true[known], s_pred[known]), 1)
         confusion = conf.tolist()
 
-    # Group each sample by its true stain where known, else by the stain
-    # head's guess, so unlabelled slides still show up per stain.
+    per_stain = _per_stain(y, probs, s_true, s_pred, class_names, stain_names)
+    return {
+        "stain_names": stain_names,
+        "accuracy": accuracy,
+        "n_known": int(known.sum()),
+        "n_unknown": int((~known).sum()),
+        "confusion": confusion,
+        "per_stain": per_stain,
+        "grouping": "true stain where known, otherwise the stain head's prediction",
+    }
+
+
+def _per_stain(
+    y: np.ndarray,
+    probs: np.ndarray,
+    s_true: np.ndarray,
+    s_pred: np.ndarray | None,
+    class_names: list[str],
+    stain_names: list[str],
+) -> dict[str, dict[str, Any]]:
+    """The class head's accuracy and macro-F1 per stain.
+
+    Each sample is grouped by its true stain where known, else by the stain
+    head's guess, so unlabelled slides still show up per stain.
+    """
+    known = s_true != IGNORE_INDEX
     group = s_true.copy()
     source = np.where(known, "true", "unknown").astype(object)
     if s_pred is not None:
@@ -506,15 +544,7 @@ def stain_metrics(
             "accuracy": m["accuracy"],
             "macro_f1": m["macro_f1"],
         }
-    return {
-        "stain_names": stain_names,
-        "accuracy": accuracy,
-        "n_known": int(known.sum()),
-        "n_unknown": int((~known).sum()),
-        "confusion": confusion,
-        "per_stain": per_stain,
-        "grouping": "true stain where known, otherwise the stain head's prediction",
-    }
+    return per_stain
 
 
 # --------------------------------------------------------------------------- #
