@@ -96,12 +96,14 @@ def run_bench(args: argparse.Namespace) -> int:
                         f"  {b}: skipped (ONNX files have the model's fixed size {model_size} px)"
                     )
                     continue
-                from .export import cached_onnx
+                from .export import INT8_CALIBRATION_IMAGES, cached_onnx
 
                 calibration = None
                 if b == "onnx-int8":
                     calibration = (
-                        load_images([calibration_source], limit=64) if calibration_source else raw
+                        load_images([calibration_source], limit=INT8_CALIBRATION_IMAGES)
+                        if calibration_source
+                        else raw
                     )
                 t0 = time.perf_counter()
                 onnx_files[b] = cached_onnx(
