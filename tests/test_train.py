@@ -148,6 +148,14 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, phase: str, n: int) -> None:
     monkeypatch.setattr(T.MultiTaskLoss, "forward", forward)
 
 
+def _train_until_ctrl_c(cfg, monkeypatch: pytest.MonkeyPatch, phase: str, n: int) -> None:
+    """Train ``cfg`` until a Ctrl-C in the n-th loss computation of ``phase`` stops it."""
+    with monkeypatch.context() as m:
+        _interrupt_at(m, phase, n)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg)
+
+
 @pytest.mark.parametrize(
     ("phase", "n", "saved_at"),
     [("train", 3, (1, 1, 3)), ("train", 2, (0, 2, 2)), ("val", 1, (1, 0, 2))],
@@ -165,10 +173,7 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(
     # 2 epochs of 2 steps; the run stops at a step boundary and saves exactly there.
     resumed = tmp_path / "resumed"
     cfg = make_cfg(train_manifest, resumed, "train.epochs=2")
-    with monkeypatch.context() as m:
-        _interrupt_at(m, phase, n)
-        with pytest.raises(KeyboardInterrupt):
-            T.train(cfg)
+    _train_until_ctrl_c(cfg, monkeypatch, phase, n)
     run = torch.load(resumed / "state.pt", weights_only=True)["run"]
     assert (run["epoch"], run["step_in_epoch"], run["global_step"]) == saved_at
 
@@ -193,10 +198,7 @@ def test_weight_average_is_exported_and_resumes_exactly(
 
     resumed = tmp_path / "resumed"
     cfg = make_cfg(train_manifest, resumed, "train.epochs=2", "train.ema_decay=0.9")
-    with monkeypatch.context() as m:
-        _interrupt_at(m, "train", 3)
-        with pytest.raises(KeyboardInterrupt):
-            T.train(cfg)
+    _train_until_ctrl_c(cfg, monkeypatch, "train", 3)
     T.train(cfg, resume=True)
     assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
     assert_same_weights(straight / "best.safetensors", resumed / "best.safetensors")
@@ -216,10 +218,7 @@ def test_dropout_resumes_exactly(
 
     resumed = tmp_path / "resumed"
     cfg = make_cfg(train_manifest, resumed, *extra)
-    with monkeypatch.context() as m:
-        _interrupt_at(m, "train", 3)
-        with pytest.raises(KeyboardInterrupt):
-            T.train(cfg)
+    _train_until_ctrl_c(cfg, monkeypatch, "train", 3)
     T.train(cfg, resume=True)
     assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
     assert metrics_rows(straight) == metrics_rows(resumed)
@@ -232,10 +231,7 @@ def test_state_files_of_older_versions_still_resume(
     # state alone (not a list per rank); they still resume, and exactly.
     resumed = tmp_path / "resumed"
     cfg = make_cfg(train_manifest, resumed, "train.epochs=2")
-    with monkeypatch.context() as m:
-        _interrupt_at(m, "train", 3)
-        with pytest.raises(KeyboardInterrupt):
-            T.train(cfg)
+    _train_until_ctrl_c(cfg, monkeypatch, "train", 3)
     state = torch.load(resumed / "state.pt", weights_only=True)
     state["scaler"] = None
     state["rng"] = state["rng"][0]

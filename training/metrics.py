@@ -654,22 +654,24 @@ def _check_labels(labels: Any, n: int, c: int) -> np.ndarray:
     return y
 
 
+def _check_scores_labels(
+    scores: Any, labels: Any, what: str = "probs"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) finite float64 scores (``what``: logits or probs) and their N labels."""
+    x = _as_numpy(scores).astype(np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be (N, C), got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} contain NaN or inf")
+    return x, _check_labels(labels, x.shape[0], x.shape[1])
+
+
 def _check_logits_labels(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    z = _as_numpy(logits).astype(np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"logits must be (N, C), got shape {z.shape}")
-    if not np.all(np.isfinite(z)):
-        raise ValueError("logits contain NaN or inf")
-    return z, _check_labels(labels, z.shape[0], z.shape[1])
+    return _check_scores_labels(logits, labels, "logits")
 
 
 def _check_probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    p = _as_numpy(probs).astype(np.float64)
-    if p.ndim != 2:
-        raise ValueError(f"probs must be (N, C), got shape {p.shape}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("probs contain NaN or inf")
-    return p, _check_labels(labels, p.shape[0], p.shape[1])
+    return _check_scores_labels(probs, labels, "probs")
 
 
 def _float_or_none(x: Any) -> float | None:

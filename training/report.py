@@ -11,7 +11,7 @@ process-wide matplotlib backend and no pyplot figures are left open.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,55 +36,37 @@ REPORT_FILES = {
 def write_report(
     out_dir: str | Path,
     *,
-    labels: np.ndarray,
-    logits: np.ndarray,
-    temperature: float,
-    stains: np.ndarray | None,
-    stain_logits: np.ndarray | None,
-    pixel_conf: np.ndarray | None,
-    class_names: Sequence[str],
-    stain_names: Sequence[str],
-    deposit_labels: Sequence[str],
-    baseline_probs: np.ndarray | None = None,
     title: str = "Evaluation",
     extra: Mapping[str, Any] | None = None,
+    **inputs: Any,
 ) -> dict[str, Any]:
     """Measure one evaluation and write ``metrics.json``, ``report.md`` and three plots.
 
-    The arguments are those of :func:`~calcinosis.training.metrics.evaluation_metrics`
-    (see there), plus the report's ``title`` and ``extra``: a section title
-    mapped to a markdown string (written as is) or to a JSON-able value
-    (written as JSON); all of it is also stored in metrics.json.
+    ``inputs`` are the keyword arguments of
+    :func:`~calcinosis.training.metrics.evaluation_metrics` (labels, logits,
+    temperature, stains, stain_logits, pixel_conf, class_names, stain_names,
+    deposit_labels, baseline_probs; see there). ``extra`` maps a section title
+    to a markdown string (written as is) or to a JSON-able value (written as
+    JSON); all of it is also stored in metrics.json.
 
     Returns the metrics dict exactly as written to metrics.json.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    measured = evaluation_metrics(
-        labels=labels,
-        logits=logits,
-        temperature=temperature,
-        stains=stains,
-        stain_logits=stain_logits,
-        pixel_conf=pixel_conf,
-        class_names=class_names,
-        stain_names=stain_names,
-        deposit_labels=deposit_labels,
-        baseline_probs=baseline_probs,
-    )
     metrics = {
         "title": title,
-        **measured,
+        **evaluation_metrics(**inputs),
         "extra": to_jsonable(dict(extra) if extra else {}),
         "files": dict(REPORT_FILES),
     }
     cls, cal = metrics["classification"], metrics["calibration"]
-    y = np.asarray(labels, dtype=np.int64).ravel()
+    y = np.asarray(inputs["labels"], dtype=np.int64).ravel()
+    probs = softmax(inputs["logits"], inputs["temperature"])
     _plot_confusion(out / REPORT_FILES["confusion_matrix"], cls, title)
     _plot_reliability(
         out / REPORT_FILES["reliability"], cal["reliability_before"], cal["reliability_after"], cal
     )
-    _plot_roc(out / REPORT_FILES["roc"], y, softmax(logits, temperature), cls, title)
+    _plot_roc(out / REPORT_FILES["roc"], y, probs, cls, title)
     atomic_write_text(out / REPORT_FILES["report"], _report_markdown(metrics, extra))
     atomic_write_text(
         out / REPORT_FILES["metrics"],
