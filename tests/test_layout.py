@@ -69,3 +69,22 @@ def test_relative_imports_are_resolved_for_the_check(tmp_path):
         "calcinosis.training.data",
         "calcinosis.inference.sub",
     }
+
+
+def test_every_package_directory_is_listed_for_the_wheel():
+    """pyproject lists packages explicitly: a sub-package left out ships nowhere."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(["calcinosis", *init.parent.relative_to(REPO).parts])
+        for top in ("model", "training", "inference")
+        for init in (REPO / top).rglob("__init__.py")
+        if "static" not in init.parts and "node_modules" not in init.parts
+    }
+    assert found == listed, {
+        "missing from pyproject": sorted(found - listed),
+        "stale": sorted(listed - found),
+    }
