@@ -182,6 +182,31 @@ def test_reseed_draws_each_transform_independently():
     assert np.array_equal(compose(image=img)["image"], first)  # and still repeatable
 
 
+def test_a_call_seed_fixes_that_call_whatever_ran_before(monkeypatch):
+    # What the training loader relies on: item (index, seed) is augmented the
+    # same in any process, after any history of seeded or unseeded calls.
+    img, mask = _he_image(), _mask()
+    f = build_train_transform(AugmentConfig(), 64, MEAN, STD, seed=0)
+    first = f(image=img, mask=mask, seed=5)
+    for _ in range(3):
+        f(image=img)  # unseeded calls move the pipeline's own stream on
+    again = f(image=img, mask=mask, seed=5)
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["mask"], again["mask"])
+    assert not torch.equal(f(image=img, seed=6)["image"], first["image"])
+    # in a DataLoader worker, whose own reseeding must not override the call's seed
+    g = pickle.loads(pickle.dumps(f))
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(seed=99))
+    assert torch.equal(g(image=img, mask=mask, seed=5)["image"], first["image"])
+
+
+def test_eval_transform_accepts_a_seed_and_ignores_it():
+    f = build_eval_transform(48, MEAN, STD)
+    img, mask = _he_image(), _mask()
+    plain, seeded = f(image=img, mask=mask), f(image=img, mask=mask, seed=3)
+    for key in ("image", "mask"):
+        assert torch.equal(plain[key], seeded[key]), key
+
+
 def test_workers_reseed_from_their_torch_seed(monkeypatch):
     img = _he_image()
     f = build_train_transform(AugmentConfig(), 64, MEAN, STD, seed=0)

@@ -81,13 +81,14 @@ class PatchDataset(Dataset):
     """Serves ``image``, ``label``, ``stain``, ``mask`` and ``index`` for each sample.
 
     ``transform(image=uint8 HWC, mask=uint8 HW | None)`` must return tensors (see
-    :mod:`calcinosis.training.transforms`). Patches with a known ``mpp`` that
-    differs from ``mpp`` by more than 5 % are rescaled first. An unreadable
-    image (or mask) is logged once, recorded in ``bad_files`` (path -> reason,
-    per process: DataLoader workers keep their own) and replaced by the next
-    readable sample, whose index is the one returned. With a ``cache``
-    (:class:`DecodedCache`, which datasets may share) each patch is read and
-    decoded once per process.
+    :mod:`calcinosis.training.transforms`); :meth:`get` with a ``seed`` also
+    passes ``seed=`` to it, to fix that item's augmentation. Patches with a
+    known ``mpp`` that differs from ``mpp`` by more than 5 % are rescaled
+    first. An unreadable image (or mask) is logged once, recorded in
+    ``bad_files`` (path -> reason, per process: DataLoader workers keep their
+    own) and replaced by the next readable sample, whose index is the one
+    returned. With a ``cache`` (:class:`DecodedCache`, which datasets may
+    share) each patch is read and decoded once per process.
     """
 
     def __init__(
@@ -146,6 +147,14 @@ class PatchDataset(Dataset):
         return resample_to_mpp(image, factor, mask)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.get(index)
+
+    def get(self, index: int, *, seed: int | None = None) -> dict[str, Any]:
+        """Item ``index``; ``seed`` fixes its augmentation (passed to the transform).
+
+        An unreadable sample is replaced by the next readable one, augmented
+        with the same ``seed``.
+        """
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
@@ -161,16 +170,20 @@ class PatchDataset(Dataset):
                 self.bad_files[key] = str(exc)
                 log.warning("skipping unreadable sample %d (%s): %s", i, key, exc)
                 continue
-            return self._package(i, image, mask)
+            return self._package(i, image, mask, seed)
         raise DataError(
             f"none of the {n} samples can be read; first problems: "
             + "; ".join(list(self.bad_files.values())[:3])
         )
 
-    def _package(self, i: int, image: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
+    def _package(
+        self, i: int, image: np.ndarray, mask: np.ndarray | None, seed: int | None
+    ) -> dict[str, Any]:
         s = self.samples[i]
         if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
+            # only a seeded item passes ``seed``: any transform(image=, mask=) serves the rest
+            seeded = {} if seed is None else {"seed": seed}
+            out = self.transform(image=image, mask=mask, **seeded)
             img_t, mask_t = out["image"], out.get("mask")
         else:
             img_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255

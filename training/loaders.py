@@ -87,9 +87,10 @@ class EpochSampler(Sampler):
 class SeededDataset(Dataset):
     """Wraps a PatchDataset: item ``(index, seed)`` is sample ``index`` augmented with ``seed``.
 
-    The augmentation draws only from albumentations' own generators, which
-    are seeded here for this one item; the process-wide generators are left
-    alone.
+    The seed goes to the transform with that one call (``transform(..., seed=)``,
+    :class:`~calcinosis.training.transforms.Pipeline`), which seeds
+    albumentations' own generators from it; the process-wide generators are
+    left alone.
     """
 
     def __init__(self, dataset: Any) -> None:
@@ -100,28 +101,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = key
-        seed_transform(getattr(self.dataset, "transform", None), seed % (1 << 32))
-        return self.dataset[index]
-
-
-def seed_transform(transform: Any, seed: int) -> None:
-    """Seed the albumentations pipeline inside ``transform`` (a transforms.Pipeline).
-
-    The Pipeline reseeds itself from the DataLoader worker's seed the first
-    time it runs in a process; running that hook first keeps it from later
-    overriding the per-item seed set here. (The hook is private to
-    transforms.Pipeline: a public per-call seed there would replace this.)
-    """
-    if transform is None:
-        return
-    from .transforms import reseed
-
-    first_use = getattr(transform, "_maybe_reseed", None)
-    if callable(first_use):
-        first_use()
-    compose = getattr(transform, "compose", transform)
-    if hasattr(compose, "set_random_state"):
-        reseed(compose, seed)
+        return self.dataset.get(index, seed=seed % (1 << 32))
 
 
 def _worker_init(worker_id: int) -> None:
@@ -136,8 +116,8 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader with this project's worker set-up; the one place loaders are made.
 
-    Workers ignore Ctrl-C and run one thread each; OpenCV's thread pool is
-    shut down before they fork (transforms.make_fork_safe). The loader has
+    Workers ignore Ctrl-C and run one torch thread each; OpenCV's thread pool
+    is shut down before they fork (transforms.make_fork_safe). The loader has
     its own generator (``seed``), so iterating it never draws from torch's
     default generator, which dropout uses.
     """

@@ -11,8 +11,10 @@ The evaluation preset is the model's preprocessing contract
 Predictor applies; the optical-density and Macenko arithmetic lives in
 :mod:`calcinosis.model.stain`, shared with inference.
 
-Each preset returns a picklable callable ``f(image=uint8 HWC, mask=uint8 HW | None)``
--> ``{"image": float32 tensor (3, H, W) normalised, "mask": int64 tensor (H, W) | None}``.
+Each preset returns a picklable callable
+``f(image=uint8 HWC, mask=uint8 HW | None, *, seed=int | None)`` ->
+``{"image": float32 tensor (3, H, W) normalised, "mask": int64 tensor (H, W) | None}``;
+``seed`` fixes one call's augmentation (the evaluation preset ignores it).
 Masks go through the same geometry with nearest-neighbour interpolation, so
 their values are always a subset of the input's.
 """
@@ -41,6 +43,8 @@ from calcinosis.model.stain import (
     od_to_rgb,
     rgb_to_od,
 )
+
+from .threads import set_cv2_threads
 
 __all__ = [
     "EvalTransform",
@@ -264,35 +268,42 @@ class MacenkoNormalizer(ImageOnlyTransform):
 def make_fork_safe() -> None:
     """Shut OpenCV's thread pool down in this process before DataLoader workers fork.
 
-    A child forked while the pool is running inherits its locks but not its
-    threads, and its first call into OpenCV (even ``setNumThreads``) can wait
-    forever: the hang seen in the test suite and in the generator's pool. The
-    parent does no image work while workers exist, so one thread costs nothing.
+    A child forked while the pool is running can hang on its first call into
+    OpenCV (see :mod:`calcinosis.training.threads`); the parent does no image
+    work while workers exist, so one thread costs nothing.
     """
-    cv2.setNumThreads(1)
+    set_cv2_threads(1)
 
 
 def reseed(compose: A.BaseCompose, seed: int | None) -> None:
     """Seed an albumentations pipeline with ONE pair of generators that all its
-    transforms draw from in turn.
+    transforms draw from in turn (albumentations' public ``set_random_state``).
 
-    ``Compose.set_random_seed(seed)`` gives every transform its own generator
-    seeded with the same number, so their draws coincide: the first draw of
-    each decides whether it applies, so every p=0.5 transform fired together
-    with every other (brightness/contrast always with hue/saturation, blur
-    only when JPEG did; measured over 400 seeds). Sharing one stream makes
-    the transforms independent, as their probabilities promise, and costs one
-    generator per item instead of one per transform (0.21 -> 0.015 ms).
+    ``Compose.set_random_seed(seed)`` (and ``Compose(seed=...)``) gives every
+    transform its own generator seeded with the same number, so their draws
+    coincide: the first draw of each decides whether it applies, so every
+    p=0.5 transform fired together with every other (brightness/contrast
+    always with hue/saturation, blur only when JPEG did; measured over 400
+    seeds). Sharing one stream makes the transforms independent, as their
+    probabilities promise, and costs one generator per item instead of one
+    per transform (0.21 -> 0.015 ms).
     """
     compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 class Pipeline:
-    """Callable wrapper: albumentations in, torch tensors out, worker-aware seeding.
+    """Callable wrapper: albumentations in, torch tensors out, seeded per call or per process.
 
-    Inside a DataLoader worker it re-seeds itself from the worker's seed (which
-    torch derives from the main process's seed, per epoch and per worker) so
-    workers do not repeat one another's augmentations, and it turns OpenCV's
+    ``pipeline(image, mask, seed=s)`` augments with generators seeded with
+    ``s`` for that call alone: the same seed gives the same augmentation
+    whatever ran before, in whichever process. The training loader passes
+    each item's seed (:class:`~calcinosis.training.loaders.SeededDataset`).
+
+    Without a seed the pipeline draws on from its generators: seeded with
+    ``seed`` at construction, or else from torch's initial seed; inside a
+    DataLoader worker it first re-seeds from the worker's seed (which torch
+    derives from the main process's seed, per epoch and per worker), so
+    workers do not repeat one another's augmentations, and turns OpenCV's
     own threads off there (two worker processes on two cores are enough).
     """
 
@@ -308,21 +319,27 @@ class Pipeline:
         reseed(self.compose, seed)
         self._seeded_for = (os.getpid(), None)
 
-    def _maybe_reseed(self) -> None:
+    def _seed_for_process(self) -> None:
+        """Re-seed once per process (and per DataLoader worker seed) for unseeded calls."""
         info = torch.utils.data.get_worker_info()
         key = (os.getpid(), None if info is None else int(info.seed))
         if key == self._seeded_for:
             return
         if info is not None:
-            cv2.setNumThreads(1)
+            set_cv2_threads(1)
             reseed(self.compose, int(info.seed) % 2**32)
         elif self.seed is None:
             reseed(self.compose, int(torch.initial_seed()) % 2**32)
         self._seeded_for = key
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray | None = None, *, seed: int | None = None
+    ) -> dict[str, Any]:
         image, mask = _check_input(image, mask)
-        self._maybe_reseed()
+        if seed is None:
+            self._seed_for_process()
+        else:
+            reseed(self.compose, seed)
         if mask is None:
             out = self.compose(image=image)
             mask_t = None
@@ -347,7 +364,10 @@ class EvalTransform:
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Any]:
+    def __call__(
+        self, image: np.ndarray, mask: np.ndarray | None = None, *, seed: int | None = None
+    ) -> dict[str, Any]:
+        """``seed`` is accepted, as the training preset's, and unused: nothing here is random."""
         image, mask = _check_input(image, mask)
         x, fitted_mask, _ = self.preprocessing.apply(image, mask)
         img = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
@@ -420,8 +440,9 @@ def build_train_transform(
 
     Order follows the life of a slide: stain chemistry (HED jitter), then the
     scanner (illumination, colour balance, focus), then storage (JPEG).
-    ``seed`` fixes the sequence in the main process; DataLoader workers
-    re-seed from torch (see :class:`Pipeline`).
+    ``seed`` fixes the sequence of unseeded calls in the main process;
+    DataLoader workers re-seed from torch, and a call's own ``seed`` fixes
+    that call (see :class:`Pipeline`).
     """
     ops: list[A.BasicTransform] = []
     if aug.stain_normalize == "macenko":

@@ -1,50 +1,24 @@
 """Worker processes for the generator, with OpenCV kept on one thread.
 
-The only place in the generator that changes OpenCV's thread count: a pool
-of processes that each ran OpenCV on all cores would fight over them, and a
-process forked while OpenCV's thread pool runs can hang (below).
+Every pool runs inside :func:`calcinosis.training.threads.cv2_single_thread`
+(why: see that module, the one place that changes OpenCV's thread count).
 """
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-import cv2
+from ..threads import cv2_single_thread, set_cv2_threads
 
 J = TypeVar("J")
 R = TypeVar("R")
 
 
-def _set_cv2_threads(n: int) -> int:
-    """Set OpenCV's thread count; the count it had."""
-    prev = cv2.getNumThreads()
-    cv2.setNumThreads(n)
-    return prev
-
-
-@contextlib.contextmanager
-def cv2_single_thread() -> Iterator[None]:
-    """OpenCV on one thread while it lasts; every worker pool runs inside it.
-
-    Besides keeping processes from fighting over the cores, this makes forking
-    safe: a child forked while OpenCV's thread pool is running inherits the
-    pool's locks but not its threads, and its first call into the pool (even
-    ``setNumThreads``) can then wait forever. With the pool shut down in the
-    parent before the fork, there is nothing to inherit.
-    """
-    prev = _set_cv2_threads(1)
-    try:
-        yield
-    finally:
-        _set_cv2_threads(prev)
-
-
 def _init_worker() -> None:
     # a forked worker inherits one thread; a spawned one starts with OpenCV's default
-    _set_cv2_threads(1)
+    set_cv2_threads(1)
 
 
 def map_in_workers(
