@@ -1,12 +1,14 @@
-"""Shared fixtures. Each part prefixes its fixtures with its own name (``robust_``: bad input)."""
+"""Shared fixtures. Each part prefixes its fixtures with its own name (``robust_``: bad input).
+
+Plain helpers (no fixture needed) live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, make_train_cfg
 
 #: Input side of the tiny checkpoint below: small enough to keep tests fast.
 ROBUST_SIZE = 64
@@ -62,25 +64,7 @@ def train_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(make_fixtures(tmp_path_factory.mktemp("fixtures")))
 
 
-#: The tiny training config of the training tests (configs/ci.yaml: resnet10t).
-CI_CONFIG = REPO / "configs" / "ci.yaml"
-
-
-def make_train_cfg(manifest: Path, out: Path, *overrides: str):
-    """configs/ci.yaml on ``manifest``, writing to ``out``: two steps of 4 per epoch."""
-    from calcinosis.training.config import load_config
-
-    base = [
-        "data.source=manifest",
-        f"data.manifest={manifest}",
-        f"output_dir={out}",
-        "train.max_steps_per_epoch=2",
-        "train.batch_size=4",
-    ]
-    return load_config(CI_CONFIG, [*base, *overrides])
-
-
 @pytest.fixture(scope="session")
 def train_cfg():
-    """``make_train_cfg(manifest, out, *overrides)`` for test modules that train a model."""
+    """``helpers.make_train_cfg(manifest, out, *overrides)`` for test modules that train."""
     return make_train_cfg

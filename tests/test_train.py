@@ -20,11 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-# The shared training helpers live in conftest.py; tests/test_tta.py still imports
-# make_cfg from here until it takes conftest's ``train_cfg`` fixture.
-from conftest import CI_CONFIG
-from conftest import make_train_cfg as make_cfg
+from helpers import CI_CONFIG, make_train_cfg
 
 import calcinosis.training.train as T
 from calcinosis.model import (
@@ -64,7 +60,7 @@ def metrics_rows(run: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def one_step_run(train_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "one_step"
-    cfg = make_cfg(train_manifest, out, "train.max_steps_per_epoch=1")
+    cfg = make_train_cfg(train_manifest, out, "train.max_steps_per_epoch=1")
     assert T.train(cfg) == out
     return out
 
@@ -106,20 +102,22 @@ def test_one_step_run_writes_complete_run_folder(one_step_run: Path, train_manif
 
 
 def test_existing_run_needs_resume(one_step_run: Path, train_manifest: Path) -> None:
-    cfg = make_cfg(train_manifest, one_step_run, "train.max_steps_per_epoch=1")
+    cfg = make_train_cfg(train_manifest, one_step_run, "train.max_steps_per_epoch=1")
     with pytest.raises(ConfigError, match="--resume"):
         T.train(cfg)
 
 
 def test_resume_rejects_a_changed_config(one_step_run: Path, train_manifest: Path) -> None:
-    cfg = make_cfg(train_manifest, one_step_run, "train.max_steps_per_epoch=1", "train.lr=0.5")
+    cfg = make_train_cfg(
+        train_manifest, one_step_run, "train.max_steps_per_epoch=1", "train.lr=0.5"
+    )
     with pytest.raises(ConfigError, match=r"train\.lr"):
         T.train(cfg, resume=True)
 
 
 def test_resume_with_nothing_to_resume(tmp_path: Path, train_manifest: Path) -> None:
     with pytest.raises(ConfigError, match="nothing to resume"):
-        T.train(make_cfg(train_manifest, tmp_path / "empty"), resume=True)
+        T.train(make_train_cfg(train_manifest, tmp_path / "empty"), resume=True)
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -129,7 +127,7 @@ def test_resume_with_nothing_to_resume(tmp_path: Path, train_manifest: Path) -> 
 def straight(train_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 2-epoch run, the reference for the resumed ones."""
     out = tmp_path_factory.mktemp("runs") / "straight"
-    T.train(make_cfg(train_manifest, out, "train.epochs=2"))
+    T.train(make_train_cfg(train_manifest, out, "train.epochs=2"))
     return out
 
 
@@ -172,7 +170,7 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(
 ) -> None:
     # 2 epochs of 2 steps; the run stops at a step boundary and saves exactly there.
     resumed = tmp_path / "resumed"
-    cfg = make_cfg(train_manifest, resumed, "train.epochs=2")
+    cfg = make_train_cfg(train_manifest, resumed, "train.epochs=2")
     _train_until_ctrl_c(cfg, monkeypatch, phase, n)
     run = torch.load(resumed / "state.pt", weights_only=True)["run"]
     assert (run["epoch"], run["step_in_epoch"], run["global_step"]) == saved_at
@@ -190,14 +188,14 @@ def test_weight_average_is_exported_and_resumes_exactly(
     # With train.ema_decay the checkpoints hold the averaged weights, not the
     # last step's; Ctrl-C mid-epoch and --resume must give the same average.
     straight = tmp_path / "straight"
-    T.train(make_cfg(train_manifest, straight, "train.epochs=2", "train.ema_decay=0.9"))
+    T.train(make_train_cfg(train_manifest, straight, "train.epochs=2", "train.ema_decay=0.9"))
     state = torch.load(straight / "state.pt", weights_only=True)
     last = load_safetensors(straight / "last.safetensors")
     assert all(torch.equal(last[k], v) for k, v in state["ema"].items() if k in last)
     assert any(not torch.equal(last[k], v) for k, v in state["model"].items() if k in last)
 
     resumed = tmp_path / "resumed"
-    cfg = make_cfg(train_manifest, resumed, "train.epochs=2", "train.ema_decay=0.9")
+    cfg = make_train_cfg(train_manifest, resumed, "train.epochs=2", "train.ema_decay=0.9")
     _train_until_ctrl_c(cfg, monkeypatch, "train", 3)
     T.train(cfg, resume=True)
     assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
@@ -212,12 +210,12 @@ def test_dropout_resumes_exactly(
     # ones the uninterrupted run drew (each rank's generator state is in state.pt).
     extra = ("train.epochs=2", "model.drop_rate=0.5", "calibrate=false")
     straight = tmp_path / "straight"
-    T.train(make_cfg(train_manifest, straight, *extra))
+    T.train(make_train_cfg(train_manifest, straight, *extra))
     state = torch.load(straight / "state.pt", weights_only=True)
     assert "scaler" not in state and len(state["rng"]) == 1  # one generator state per rank
 
     resumed = tmp_path / "resumed"
-    cfg = make_cfg(train_manifest, resumed, *extra)
+    cfg = make_train_cfg(train_manifest, resumed, *extra)
     _train_until_ctrl_c(cfg, monkeypatch, "train", 3)
     T.train(cfg, resume=True)
     assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
@@ -230,7 +228,7 @@ def test_state_files_of_older_versions_still_resume(
     # Older state.pt files carry an always-None "scaler" and rank 0's generator
     # state alone (not a list per rank); they still resume, and exactly.
     resumed = tmp_path / "resumed"
-    cfg = make_cfg(train_manifest, resumed, "train.epochs=2")
+    cfg = make_train_cfg(train_manifest, resumed, "train.epochs=2")
     _train_until_ctrl_c(cfg, monkeypatch, "train", 3)
     state = torch.load(resumed / "state.pt", weights_only=True)
     state["scaler"] = None
@@ -248,7 +246,7 @@ def test_an_augmented_item_depends_on_its_key_alone(train_manifest: Path, tmp_pa
     from calcinosis.model.network import IMAGENET_MEAN, IMAGENET_STD
     from calcinosis.training.data import load_samples
 
-    cfg = make_cfg(train_manifest, tmp_path / "run")
+    cfg = make_train_cfg(train_manifest, tmp_path / "run")
     data_config = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     loader, _, _, _ = T.build_loaders(cfg, load_samples(cfg), data_config, T.DistInfo())
     dataset = loader.dataset
@@ -269,7 +267,7 @@ def test_result_does_not_depend_on_workers_or_cache(tmp_path: Path, train_manife
     for workers, cache_mb in ((0, 64), (2, 64), (0, 0)):
         out = tmp_path / f"w{workers}c{cache_mb}"
         T.train(
-            make_cfg(
+            make_train_cfg(
                 train_manifest,
                 out,
                 f"data.num_workers={workers}",
@@ -289,7 +287,7 @@ def test_nan_loss_stops_without_a_new_checkpoint(
     tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "nan"
-    cfg = make_cfg(train_manifest, out, "train.epochs=2")
+    cfg = make_train_cfg(train_manifest, out, "train.epochs=2")
     original = T.MultiTaskLoss.forward
     calls = {"n": 0}
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_predict import tissue
-from test_train import make_cfg
+from helpers import tissue
 
 from calcinosis.inference.predictor import Predictor
 from calcinosis.model import load_checkpoint, read_checkpoint_metadata
@@ -101,13 +100,13 @@ def test_resolve_tta_takes_resolved_values_not_a_config_layout() -> None:
 
 
 def test_calibration_is_fitted_in_the_configured_mode(
-    train_manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    train_manifest: Path, train_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from calcinosis.training import train as T
     from calcinosis.training.evaluate import evaluate_checkpoint
 
-    run = T.train(make_cfg(train_manifest, tmp_path / "run", "train.max_steps_per_epoch=1",
-                           "inference.tta=d4"))  # fmt: skip
+    run = T.train(train_cfg(train_manifest, tmp_path / "run", "train.max_steps_per_epoch=1",
+                            "inference.tta=d4"))  # fmt: skip
     cal = json.loads((run / "calibration.json").read_text())
     meta = read_checkpoint_metadata(run / "best.safetensors")
     assert cal["tta"] == "d4" and meta["calibration"]["tta"] == "d4"
