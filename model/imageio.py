@@ -6,7 +6,8 @@ upper-case extensions, names with spaces or accents. :func:`read_rgb` turns all
 of them into one thing, an ``(H, W, 3)`` ``uint8`` RGB array, and every way a
 file can be unusable becomes an :class:`ImageReadError` that names the file and
 the reason. Nothing else escapes, so a training loop can catch one type.
-:func:`load_image` applies the same conventions to arrays and PIL images.
+:func:`load_image` applies the same conventions to arrays and PIL images: one
+rule, :func:`to_uint8`, turns pixel values of any type into uint8 for both.
 
 Pixel data is returned as stored: EXIF orientation is *not* applied, so an image
 and its mask (which carries no EXIF) stay aligned.
@@ -36,6 +37,7 @@ __all__ = [
     "load_image",
     "read_mask",
     "read_rgb",
+    "to_uint8",
     "write_png",
 ]
 
@@ -223,24 +225,72 @@ def _bit_depth(im: Image.Image, arr: np.ndarray) -> int:
     return 8 if vmax <= 255 else 16 if vmax <= 65535 else 32
 
 
-def _scale_to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
+#: Float pixels may stray this far outside [0, 1] (resampling overshoot) and are clipped.
+FLOAT_SLACK = 0.05
+
+
+def to_uint8(pixels: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Pixel values as uint8: the one rule for image files and in-memory arrays alike.
+
+    * uint8 as is; bool as 0 / 255.
+    * Integers are scaled by their bit depth (``2**bits - 1`` -> 255): ``bits``
+      is what a file's header declares (negative samples are clipped to 0);
+      without it (an array) uint16 is 16-bit data and other integer types must
+      hold 0..255.
+    * Floats must be finite and within [0, 1] (:data:`FLOAT_SLACK` of
+      overshoot is clipped); they are scaled by 255. Float data declares no
+      range, and guessing one from its maximum reads a [0, 1] image with a
+      little overshoot, or a 0..255 image with one hot pixel, as something
+      else; so anything outside [0, 1] is an :class:`ImageReadError` that says
+      how to convert, whether it came from a file or an array.
+    """
+    arr = np.asarray(pixels)
     if arr.dtype == np.uint8:
         return arr
-    arr = arr.astype(np.float64)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        return _integers_to_uint8(arr, bits)
+    if np.issubdtype(arr.dtype, np.floating):
+        return _floats_to_uint8(arr)
+    raise ImageReadError(
+        f"image array of dtype {arr.dtype} is not supported; pass uint8 (0..255), "
+        "uint16 or floats in [0, 1]"
+    )
+
+
+def _integers_to_uint8(arr: np.ndarray, bits: int | None) -> np.ndarray:
+    if bits is None:
+        if arr.dtype == np.uint16:  # 16-bit samples, as 16-bit files are scaled
+            bits = 16
+        else:
+            lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+            if lo < 0 or hi > 255:
+                raise ImageReadError(
+                    f"integer image array of {arr.dtype} has values {lo}..{hi}; expected 0..255 "
+                    "(or pass uint16 for 16-bit data, or floats in [0, 1])"
+                )
+            return arr.astype(np.uint8)
+    arr = np.clip(arr.astype(np.float64), 0, None)
     if bits <= 8:
         return np.clip(arr, 0, 255).round().astype(np.uint8)
     top = float(2**bits - 1)
     return np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
 
 
-def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
-    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    vmax = float(arr.max()) if arr.size else 0.0
-    if vmax <= 1.0:  # the usual [0, 1] float convention
-        arr = arr * 255.0
-    elif vmax > 255.0:  # 16-bit data stored as float
-        arr = arr * (255.0 / 65535.0) if vmax <= 65535.0 else arr * (255.0 / vmax)
-    return np.clip(arr, 0, 255).round().astype(np.uint8)
+def _floats_to_uint8(arr: np.ndarray) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise ImageReadError(
+            "image holds NaN or infinite values; replace them (e.g. numpy.nan_to_num) first"
+        )
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo < -FLOAT_SLACK or hi > 1.0 + FLOAT_SLACK:
+        raise ImageReadError(
+            f"float image has values {lo:g}..{hi:g}; expected floats in [0, 1] "
+            "(divide 0..255 data by 255 and 16-bit data by 65535, or save and pass "
+            "8- or 16-bit integers)"
+        )
+    return (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -281,20 +331,20 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
         if arr.dtype.kind not in "iu":
             arr = np.asarray(im, dtype=np.int64)
         arr = np.clip(arr.astype(np.int64), 0, None)
-        return _gray3(_scale_to_uint8(arr, _bit_depth(im, arr)))
+        return _gray3(to_uint8(arr, _bit_depth(im, arr)))
     if mode == "F":
-        return _gray3(_float_to_uint8(np.asarray(im, dtype=np.float32)))
+        return _gray3(to_uint8(np.asarray(im, dtype=np.float32)))
     raise ValueError(f"unsupported pixel mode '{mode}'")
 
 
 def _cv2_to_rgb(arr: np.ndarray) -> np.ndarray:
     """Convert an OpenCV IMREAD_UNCHANGED result (BGR order, any depth) to RGB uint8."""
     if arr.dtype == np.uint16:
-        arr = _scale_to_uint8(arr, 16)
-    elif arr.dtype.kind == "f":
-        arr = _float_to_uint8(arr)
-    elif arr.dtype != np.uint8:
-        arr = _scale_to_uint8(np.clip(arr, 0, None), 16 if arr.max() <= 65535 else 32)
+        arr = to_uint8(arr, 16)
+    elif arr.dtype.kind in "iu" and arr.dtype != np.uint8:
+        arr = to_uint8(arr, 16 if arr.max() <= 65535 else 32)
+    else:
+        arr = to_uint8(arr)
     if arr.ndim == 2:
         return _gray3(arr)
     channels = arr.shape[2]
@@ -333,6 +383,8 @@ def read_rgb(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.
         with im:
             im.load()
             rgb = _pil_to_rgb(im)
+    except ImageReadError as exc:  # decoded, but the pixel values break the rule of to_uint8
+        raise _fail(path, str(exc)) from None
     except Exception as exc:  # noqa: BLE001
         if _is_truncation(exc):
             raise _fail(path, _decode_reason(exc)) from None
@@ -352,6 +404,8 @@ def _read_rgb_cv2(path: Path, pil_exc: BaseException, limit: int) -> np.ndarray:
         raise _limit_error(path, w, h, limit)
     try:
         return _cv2_to_rgb(arr)
+    except ImageReadError as exc:
+        raise _fail(path, str(exc)) from None
     except Exception as exc:  # noqa: BLE001
         raise _fail(path, _decode_reason(exc)) from None
 
@@ -457,30 +511,24 @@ def write_png(
 
 # --------------------------------------------------------------------------- in-memory images
 
-#: Float image arrays may stray this far outside [0, 1] (resampling overshoot) and are clipped.
-FLOAT_SLACK = 0.05
-
 
 def load_image(image: Any) -> np.ndarray:
     """Any accepted input -> ``(H, W, 3)`` uint8 RGB (paths via :func:`read_rgb`).
 
-    Arrays follow the same conventions as image files: ``(H, W)`` or
-    ``(H, W, 1)`` grey, ``(H, W, 2)`` grey + alpha, ``(H, W, 3)`` RGB, ``(H, W, 4)``
-    RGBA (alpha composited on white); uint8, uint16 (scaled 65535 -> 255),
-    other integers within 0..255, bool (0/255) or floats in [0, 1]. Anything
-    else raises :class:`ImageReadError` saying what was expected.
+    Arrays and PIL images follow the same conventions as image files (one rule
+    for the values, :func:`to_uint8`): ``(H, W)`` or ``(H, W, 1)`` grey,
+    ``(H, W, 2)`` grey + alpha, ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA (alpha
+    composited on white); uint8, uint16 (scaled 65535 -> 255), other integers
+    within 0..255, bool (0/255) or floats in [0, 1]. Anything else raises
+    :class:`ImageReadError` saying what was expected.
     """
     if isinstance(image, (str, os.PathLike)):
         return read_rgb(image)
-    if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "PA") or (
-            image.mode == "P" and "transparency" in image.info
-        ):
-            bg = Image.new("RGB", image.size, (255, 255, 255))
-            rgba = image.convert("RGBA")
-            bg.paste(rgba, mask=rgba.getchannel("A"))
-            return np.asarray(bg, dtype=np.uint8)
-        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    if isinstance(image, Image.Image):  # decoded as the file it came from would be
+        try:
+            return np.ascontiguousarray(_pil_to_rgb(image))
+        except ValueError as exc:  # an unsupported mode (ImageReadError is no ValueError)
+            raise ImageReadError(f"cannot use this PIL image: {exc}") from None
     try:
         arr = np.asarray(image)
     except Exception as exc:  # noqa: BLE001 - ragged lists and the like
@@ -492,7 +540,7 @@ def load_image(image: Any) -> np.ndarray:
             f"expected an image array (H, W), (H, W, 3) or (H, W, 4) with H, W >= 1, "
             f"got shape {arr.shape}"
         )
-    arr = _array_to_uint8(arr)
+    arr = to_uint8(arr)
     channels = arr.shape[2]
     if channels in (2, 4):  # transparent pixels are glass: blend onto white
         a = arr[..., -1:].astype(np.float32) / 255.0
@@ -501,36 +549,3 @@ def load_image(image: Any) -> np.ndarray:
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     return np.ascontiguousarray(arr)
-
-
-def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Pixel values of any numeric dtype as uint8, by the usual image conventions."""
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8) * 255
-    if arr.dtype == np.uint16:  # 16-bit samples, as read_rgb scales 16-bit files
-        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.integer):
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise ImageReadError(
-                f"integer image array of {arr.dtype} has values {lo}..{hi}; expected 0..255 "
-                "(or pass uint16 for 16-bit data, or floats in [0, 1])"
-            )
-        return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ImageReadError("image array holds NaN or infinite values")
-        lo, hi = float(arr.min()), float(arr.max())
-        # A little slack for the overshoot of bicubic resampling; clipped below.
-        if lo < -FLOAT_SLACK or hi > 1.0 + FLOAT_SLACK:
-            raise ImageReadError(
-                f"float image array has values {lo:g}..{hi:g}; expected floats in [0, 1] "
-                "(or uint8 0..255)"
-            )
-        return (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    raise ImageReadError(
-        f"image array of dtype {arr.dtype} is not supported; pass uint8 (0..255), "
-        "uint16 or floats in [0, 1]"
-    )
