@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader, or a run killed mid-write, sees the old file or the new one.
+"""Atomic file writes (a reader, or a run killed mid-write, sees the old file or the new one)
+and the one conversion of results to JSON types (:func:`to_jsonable`).
 
 Every file the project writes that someone else may read while it is being
 written (checkpoints, ``state.pt``, overlays, manifests, ONNX exports) goes
@@ -18,14 +19,17 @@ checkpoints unreadable to other users.)
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+import numpy as np
+
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "to_jsonable"]
 
 PathLike = str | os.PathLike
 
@@ -192,3 +196,31 @@ def atomic_write_text(
     with atomic_write(path, "w", encoding=encoding, newline=newline, fsync=fsync) as fh:
         fh.write(text)
     return Path(path)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively turn numpy values, tuples and paths into JSON types; NaN/inf -> None.
+
+    The one sanitiser for everything the project writes as JSON (metrics.json,
+    the run history, predictions.json): numpy scalars and arrays become Python
+    numbers and lists, a NaN or infinite value (numpy's or Python's) becomes
+    None (JSON has no NaN), a ``Path`` its string, any other object its ``str``.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)

@@ -8,7 +8,6 @@ is a no-op in a one-process run, so the loop reads the same either way.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +22,7 @@ from torch import nn
 from calcinosis.model import ConfigError, TrainingError
 from calcinosis.model.checkpoint import unwrap_model
 from calcinosis.model.fileio import atomic_write_bytes
+from calcinosis.model.hardware import cpu_has_native_bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +92,6 @@ def resolve_amp_dtype(
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX tiles or AVX512-BF16 instructions (the probes torch itself exposes)."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    for name in checks:
-        with contextlib.suppress(Exception):
-            if getattr(torch.cpu, name)():
-                return True
-    return False
 
 
 # --------------------------------------------------------------------------- collectives

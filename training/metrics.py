@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from calcinosis.model.fileio import to_jsonable
+from calcinosis.model.probability import softmax as _softmax
 
 __all__ = [
     "IGNORE_INDEX",
@@ -71,12 +73,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     give finite probabilities instead of overflow.
     """
     _check_temperature(temperature)
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    if z.size == 0:
-        return z.copy()
-    z = z - np.max(z, axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / np.sum(e, axis=-1, keepdims=True)
+    return _softmax(np.asarray(logits, dtype=np.float64) / float(temperature))
 
 
 def _nll_at(z: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -606,28 +603,6 @@ def compare_reports(main: Mapping[str, Any], shifted: Mapping[str, Any]) -> dict
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively turn numpy values, tuples and paths into JSON types; NaN/inf -> None."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
 
 
 def _as_numpy(x: Any) -> np.ndarray:
