@@ -58,9 +58,9 @@ def tile_grid(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int
     Tiles step by ``tile - overlap``; the last tile of each row and column is
     placed flush with the image edge (so it may overlap its neighbour more than
     ``overlap``), and every tile lies inside the image. An image side shorter
-    than ``tile`` gets a single start at 0: pad the image to at least ``tile``
-    first (see :func:`pad_to_tile`). The order is row-major, which is what
-    :class:`Stitcher` needs.
+    than ``tile`` gets a single start at 0: tile a grid of at least ``tile`` a
+    side, and read it from a :class:`PixelSource`, which pads with white
+    glass. The order is row-major, which is what :class:`Stitcher` needs.
     """
     h, w = int(shape[0]), int(shape[1])
     if tile < 1:
@@ -73,22 +73,6 @@ def tile_grid(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int
     ys = _axis_starts(h, tile, stride)
     xs = _axis_starts(w, tile, stride)
     return [(y, x) for y in ys for x in xs]
-
-
-def pad_to_tile(image: np.ndarray, tile: int, value: int = PAD_VALUE) -> np.ndarray:
-    """Pad an image at the bottom and right so both sides are at least ``tile``.
-
-    Padding is constant white (empty glass) rather than a reflection, so the
-    padded strip is recognised as background by the tissue detector and cannot
-    double a deposit that lies near the edge. Results are cropped back to the
-    original size by the caller (the stitcher clips tiles to the image).
-    """
-    h, w = image.shape[:2]
-    ph, pw = max(0, tile - h), max(0, tile - w)
-    if ph == 0 and pw == 0:
-        return image
-    pad = [(0, ph), (0, pw)] + [(0, 0)] * (image.ndim - 2)
-    return np.pad(image, pad, mode="constant", constant_values=value)
 
 
 def blend_weights(tile: int, overlap: int) -> np.ndarray:
@@ -274,24 +258,6 @@ def label_histogram(labels: np.ndarray, n: int) -> np.ndarray:
     return total[:n]
 
 
-def stitch(
-    shape: tuple[int, int],
-    tiles: list[tuple[int, int, np.ndarray]],
-    tile: int,
-    overlap: int,
-    *,
-    keep_probs: bool = True,
-    probs_dtype: np.dtype | type = np.float32,
-) -> Stitcher:
-    """Convenience: stitch a list of ``(y0, x0, map)`` tiles in one call (small images)."""
-    depth = tiles[0][2].shape[-1] if tiles else 1
-    st = Stitcher(shape, depth, tile, overlap, keep_probs=keep_probs, probs_dtype=probs_dtype)
-    for y0, x0, m in sorted(tiles, key=lambda t: (t[0], t[1])):
-        st.add(y0, x0, m)
-    st.finish()
-    return st
-
-
 # --------------------------------------------------------------------------- pixel sources
 
 
@@ -300,8 +266,8 @@ class PixelSource(Protocol):
     """Anything the tiler can read RGB pixels from, a window at a time.
 
     ``shape`` is ``(H, W, 3)``. ``read(y, x, h, w)`` returns an ``(h, w, 3)``
-    uint8 array; parts of the window beyond the image are white (empty glass,
-    as :func:`pad_to_tile` pads), so edge tiles need no special case.
+    uint8 array; parts of the window beyond the image are white (:data:`PAD_VALUE`,
+    empty glass), so edge tiles need no special case.
     ``thumbnail(width, height)`` returns the whole image shrunk to
     ``(height, width, 3)`` uint8 (area averaging), for tissue detection.
     Reads come in row-major order, which lets a source decode a band of rows
