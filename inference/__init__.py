@@ -13,7 +13,7 @@ from typing import Any
 _EXPORTS = {
     "Predictor": "predictor",
     "PatchResult": "result",
-    "BACKENDS": "predictor",
+    "BACKENDS": "engines",
     "tile_grid": "tiling",
     "blend_weights": "tiling",
     "Stitcher": "tiling",

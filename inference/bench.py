@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError
+from calcinosis.model.hardware import cpu_seconds
 from calcinosis.model.preprocess import Preprocessing
+from calcinosis.model.probability import softmax
 
 BASELINE = "torch-eager"
 DEFAULT_BACKENDS = ("torch-eager", "torch", "torch-bf16", "onnx", "onnx-int8")
@@ -50,8 +52,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: measure, print one table, optionally write JSON."""
     from calcinosis.model import read_checkpoint_metadata
 
+    from .engines import BACKENDS
     from .inputs import load_images
-    from .predictor import BACKENDS
 
     ckpt = Path(args.checkpoint)
     meta = read_checkpoint_metadata(ckpt)
@@ -144,9 +146,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 res["agree_pixels"] = float((o["dep"] == base["dep"]).mean())
                 res["max_abs_logit_diff"] = float(np.abs(o["cls"] - base["cls"]).max())
                 res["max_prob_diff"] = float(
-                    np.abs(_softmax(o["cls"]) - _softmax(base["cls"])).max()
+                    np.abs(softmax(o["cls"], axis=1) - softmax(base["cls"], axis=1)).max()
                 )
-                p = np.sort(_softmax(base["cls"]), axis=1)
+                p = np.sort(softmax(base["cls"], axis=1), axis=1)
                 confident = (p[:, -1] - p[:, -2]) >= 0.2
                 if confident.any():
                     same = o["cls"].argmax(1) == base["cls"].argmax(1)
@@ -226,12 +228,12 @@ def _worker_model(job: dict[str, Any]) -> dict[str, Any]:
     first_s = time.perf_counter() - t0
     engine(xb)
     times = []
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     for _ in range(iters):
         t0 = time.perf_counter()
         engine(xb)
         times.append(time.perf_counter() - t0)
-    cpu_per_patch = (_cpu_seconds() - cpu0) / (iters * bs)
+    cpu_per_patch = (cpu_seconds() - cpu0) / (iters * bs)
     x1 = xb[:1]
     for _ in range(3):
         engine(x1)
@@ -319,17 +321,6 @@ def _end_to_end(
         res["cpu_ms_per_image_tables_only"] = lean.get("cpu_ms_per_image")
     res["backend"] = backend
     return res
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process so far (all threads)."""
-    t = os.times()
-    return t.user + t.system
 
 
 def _vm_hwm_mb() -> float | None:

@@ -34,7 +34,6 @@ could not be read or processed (its row has ``status=error`` and the reason);
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -45,6 +44,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,13 +52,24 @@ from typing import Any
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError
-from calcinosis.model.fileio import atomic_write, atomic_write_text
-from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS
+from calcinosis.model.fileio import atomic_write_text
+from calcinosis.model.hardware import cpu_seconds
 
+from .engines import check_backend
 from .inputs import InputItem, collect_inputs
+from .outputs import csv_columns, planned_files, result_row, write_csv, write_outputs
 from .overlay import PNG_COMPRESSION
-from .predictor import BACKENDS, Predictor
+from .predictor import Predictor
 from .result import PatchResult, error_reason
+
+__all__ = [
+    "EXIT_SOME_FAILED",
+    "collect_inputs",
+    "csv_columns",
+    "run_predict",
+    "safe_stem",
+    "unique_names",
+]
 
 #: Exit status when some inputs failed (the others were still processed).
 EXIT_SOME_FAILED = 3
@@ -110,94 +121,72 @@ def unique_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------- table
-
-
-def csv_columns(class_names: Sequence[str], deposit_labels: Sequence[str]) -> list[str]:
-    """predictions.csv columns: the contract's order, then a few extras."""
-    cols = [
-        "path",
-        "prediction",
-        *[f"p_{c}" for c in class_names],
-        "stain",
-        "p_stain",
-        "tissue_fraction",
-    ]
-    for lab in deposit_labels[1:]:
-        cols += [f"area_px_{lab}", f"area_um2_{lab}"]
-    cols += [
-        "status",
-        "reason",
-        "mode",
-        "width",
-        "height",
-        "mpp",
-        "focus",
-        "overlay",
-        "geojson",
-        "tiles",
-        "lesions",
-        "n_lesions",
-        "also_present",
-    ]
-    return cols
-
-
-def result_row(
-    res: PatchResult,
-    class_names: Sequence[str],
-    deposit_labels: Sequence[str],
-    files: dict[str, str],
-) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "path": res.path,
-        "prediction": res.prediction or "",
-        "stain": res.stain or "",
-        "p_stain": _fmt(res.stain_probability),
-        "tissue_fraction": "" if res.status == "error" else _fmt(res.tissue_fraction),
-        "status": res.status,
-        "reason": res.reason,
-        "mode": "" if res.status == "error" else res.mode,
-        "width": res.width or "",
-        "height": res.height or "",
-        "mpp": _fmt(res.mpp),
-        "focus": _fmt(res.focus),
-        **{k: files.get(k, "") for k in ("overlay", "geojson", "tiles", "lesions")},
-        "n_lesions": _n_lesions(res),
-        "also_present": ";".join((res.region or {}).get("also_present") or []),
-    }
-    for c in class_names:
-        row[f"p_{c}"] = _fmt(res.probabilities.get(c))
-    for lab in deposit_labels[1:]:
-        px = res.deposit_area_px.get(lab) if res.status != "error" else None
-        um = (res.deposit_area_um2 or {}).get(lab) if res.status != "error" else None
-        row[f"area_px_{lab}"] = "" if px is None else int(px)
-        row[f"area_um2_{lab}"] = _fmt(um, 2)
-    return row
-
-
-def _n_lesions(res: PatchResult) -> int | str:
-    """Lesions found (at least the minimum area); ``region.lesions_passed`` counts those that count."""
-    if res.lesions is None or res.status == "error":
-        return ""
-    return len(res.lesions)
-
-
-def _fmt(v: float | None, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return ""
-    return f"{float(v):.{digits}f}"
-
-
 # --------------------------------------------------------------------------- run
+
+
+@dataclass
+class _Run:
+    """One ``predict`` run: its inputs, settings, the predictor and what it has produced."""
+
+    out: Path
+    items: list[InputItem]
+    predictor: Predictor
+    #: Indices of whole-slide inputs, and of everything else.
+    slides: list[int]
+    plain: list[int]
+    level: int | None
+    region: tuple[int, int, int, int] | None
+    max_pixels: int | None
+    png_level: int
+    overlays: bool
+    geojson: bool
+    #: ``time.perf_counter()`` when the predictor began to load.
+    started: float
+    names: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any] | None] = field(default_factory=list)
+    records: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` subcommand; see the module docstring for outputs and exit codes."""
+    run = _plan(args)
+    t0 = run.started
+    t_ready, cpu_ready = time.perf_counter(), cpu_seconds()
+    for sub in ("overlays",) * run.overlays + ("geojson",) * run.geojson + ("tiles", "lesions"):
+        (run.out / sub).mkdir(parents=True, exist_ok=True)
+    run.out.mkdir(parents=True, exist_ok=True)
+    workers = getattr(args, "workers", None) or (os.cpu_count() or 1)
+    _predict_all(run, workers, quiet=getattr(args, "quiet", False))
+    elapsed = time.perf_counter() - t0
+    write_csv(
+        run.out / "predictions.csv",
+        csv_columns(run.predictor.class_names, run.predictor.deposit_labels),
+        [r for r in run.rows if r is not None],
+    )
+    summary = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(args.checkpoint),
+        "backend": run.predictor.backend,
+        **_settings(run.predictor),
+        "seconds": round(elapsed, 2),
+        "seconds_after_load": round(time.perf_counter() - t_ready, 2),
+        # CPU time of all threads (decoding, network, overlays): with seconds_after_load,
+        # how many cores the run kept busy.
+        "cpu_seconds_after_load": round(cpu_seconds() - cpu_ready, 2),
+        "results": run.records,
+    }
+    atomic_write_text(
+        run.out / "predictions.json", json.dumps(summary, indent=1, ensure_ascii=False), fsync=False
+    )
+    return _report(run, elapsed)
+
+
+def _plan(args: argparse.Namespace) -> _Run:
+    """Check the arguments, find the inputs and load the predictor (usage errors raise)."""
+    from .slide import is_slide_file, parse_region
+
     out = Path(args.out)
-    backend = getattr(args, "backend", "torch")
-    if backend not in BACKENDS:
-        raise CalcinosisError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend = check_backend(getattr(args, "backend", "torch"))
     max_pixels = getattr(args, "max_pixels", None)
     if max_pixels is not None and max_pixels < 0:
         raise CalcinosisError(f"--max-pixels must be >= 0 (0 = no limit); got {max_pixels}")
@@ -206,8 +195,6 @@ def run_predict(args: argparse.Namespace) -> int:
     png_level = PNG_COMPRESSION if png_level is None else int(png_level)
     if not 0 <= png_level <= 9:
         raise CalcinosisError(f"--png-compression must be 0-9; got {png_level}")
-    from .slide import is_slide_file, parse_region
-
     region_arg = getattr(args, "region", None)
     region = parse_region(region_arg) if region_arg else None
     level = getattr(args, "level", None)
@@ -231,8 +218,7 @@ def run_predict(args: argparse.Namespace) -> int:
         for i, it in enumerate(items)
         if it.error is None and is_slide_file(it.path, force=force, max_pixels=max_pixels)
     ]
-    slide_set = set(slides)
-    plain = [i for i in range(len(items)) if i not in slide_set]
+    plain = [i for i in range(len(items)) if i not in set(slides)]
     n_plain = sum(1 for i in plain if items[i].error is None)
     if force and n_plain:
         print(
@@ -240,7 +226,7 @@ def run_predict(args: argparse.Namespace) -> int:
             "image(s) are predicted whole",
             file=sys.stderr,
         )
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     predictor = Predictor.from_checkpoint(
         args.checkpoint,
         backend=backend,
@@ -253,82 +239,58 @@ def run_predict(args: argparse.Namespace) -> int:
         lesion_threshold=getattr(args, "lesion_threshold", None),
         min_lesion_area_um2=getattr(args, "min_lesion_area_um2", None),
     )
-    t_ready = time.perf_counter()
-    cpu_ready = _cpu_seconds()
-    overlays = not getattr(args, "no_overlays", False)
-    geojson = not getattr(args, "no_geojson", False)
-    workers = getattr(args, "workers", None) or (os.cpu_count() or 1)
-    for sub in ("overlays",) * overlays + ("geojson",) * geojson + ("tiles", "lesions"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    n = len(items)
+    return _Run(
+        out=out,
+        items=items,
+        predictor=predictor,
+        slides=slides,
+        plain=plain,
+        level=level,
+        region=region,
+        max_pixels=max_pixels,
+        png_level=png_level,
+        overlays=not getattr(args, "no_overlays", False),
+        geojson=not getattr(args, "no_geojson", False),
+        started=started,
+        names=unique_names([it.path for it in items]),
+        rows=[None] * n,
+        records=[None] * n,
+    )
 
-    names = unique_names([it.path for it in items])
-    rows: list[dict[str, Any] | None] = [None] * len(items)
-    records: list[dict[str, Any] | None] = [None] * len(items)
-    cols = csv_columns(predictor.class_names, predictor.deposit_labels)
 
+def _predict_all(run: _Run, workers: int, quiet: bool) -> None:
+    """Every input through the predictor, its files written in the pool as it comes."""
     from tqdm import tqdm
 
+    predictor = run.predictor
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         writes: list[Future] = []
         bar = tqdm(
-            total=len(items),
-            unit="image",
-            desc="predict",
-            file=sys.stderr,
-            disable=getattr(args, "quiet", False),
+            total=len(run.items), unit="image", desc="predict", file=sys.stderr, disable=quiet
         )
-
-        def record(i: int, res: PatchResult, image: Any, max_side: int | None = None) -> None:
-            res.path = str(items[i].path)
-            files = _planned_files(out, names[i], res, overlays, geojson)
-            rows[i] = result_row(res, predictor.class_names, predictor.deposit_labels, files)
-            rec = res.to_dict()
-            rec["name"] = names[i]
-            rec["source"] = items[i].source
-            rec["outputs"] = files
-            records[i] = rec
-            if files:
-                writes.append(
-                    pool.submit(
-                        _write_outputs,
-                        out,
-                        names[i],
-                        res,
-                        image,
-                        files,
-                        png_level,
-                        max_side,
-                        predictor.class_names,
-                        predictor.deposit_labels,
-                    )
-                )
-            else:
-                res.label_map = None
-
         # Decoding threads also run the tissue and focus checks (predictor.prepare),
         # so the main thread mostly waits on the network.
         chunks = _decoded_chunks(
-            items,
+            run.items,
             pool,
             predictor.batch_size,
-            max_pixels,
-            indices=plain,
+            run.max_pixels,
+            indices=run.plain,
             prepare=predictor.prepare,
         )
         for chunk, images in chunks:
-            results = _predict_chunk(predictor, [items[i] for i in chunk], images)
+            results = _predict_chunk(predictor, [run.items[i] for i in chunk], images)
             for i, res in zip(chunk, results, strict=True):
-                record(i, res, _pixels(images.get(i)))
+                _record(run, pool, writes, i, res, _pixels(images.get(i)))
             bar.update(len(chunk))
             # Keep memory bounded: wait for writes of earlier chunks.
             while len(writes) > 2 * predictor.batch_size:
                 writes.pop(0).result()
-        for i in slides:
-            res, thumb = _predict_slide(
-                predictor, items[i], level, region, SLIDE_OVERLAY_SIDE if overlays else None
-            )
-            record(i, res, thumb, SLIDE_OVERLAY_SIDE)
+        side = SLIDE_OVERLAY_SIDE if run.overlays else None
+        for i in run.slides:
+            res, thumb = _predict_slide(predictor, run.items[i], run.level, run.region, side)
+            _record(run, pool, writes, i, res, thumb, SLIDE_OVERLAY_SIDE)
             bar.update(1)
             # At most one slide's maps are still being written while the next is predicted.
             while len(writes) > 1:
@@ -337,12 +299,36 @@ def run_predict(args: argparse.Namespace) -> int:
             f.result()
         bar.close()
 
-    elapsed = time.perf_counter() - t0
-    _write_csv(out / "predictions.csv", cols, [r for r in rows if r is not None])
-    summary = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": str(args.checkpoint),
-        "backend": backend,
+
+def _record(
+    run: _Run,
+    pool: ThreadPoolExecutor,
+    writes: list[Future],
+    i: int,
+    res: PatchResult,
+    image: Any,
+    max_side: int | None = None,
+) -> None:
+    """Input ``i``'s row and record; its files are queued for the pool."""
+    res.path = str(run.items[i].path)
+    p = run.predictor
+    files = planned_files(run.out, run.names[i], res, run.overlays, run.geojson)
+    run.rows[i] = result_row(res, p.class_names, p.deposit_labels, files)
+    rec = res.to_dict()
+    rec["name"] = run.names[i]
+    rec["source"] = run.items[i].source
+    rec["outputs"] = files
+    run.records[i] = rec
+    if not files:
+        res.label_map = None
+        return
+    job = (run.out, run.names[i], res, image, files, run.png_level, max_side)
+    writes.append(pool.submit(write_outputs, *job, p.class_names, p.deposit_labels))
+
+
+def _settings(predictor: Predictor) -> dict[str, Any]:
+    """The predictor's settings, for predictions.json."""
+    return {
         "class_names": predictor.class_names,
         "stain_names": predictor.stain_names,
         "deposit_labels": predictor.deposit_labels,
@@ -356,30 +342,26 @@ def run_predict(args: argparse.Namespace) -> int:
         "lesion_threshold": predictor.lesion_threshold,
         "min_lesion_area_um2": predictor.min_lesion_area_um2,
         "tile_overlap": predictor.tile_overlap,
-        "seconds": round(elapsed, 2),
-        "seconds_after_load": round(time.perf_counter() - t_ready, 2),
-        # CPU time of all threads (decoding, network, overlays): with seconds_after_load,
-        # how many cores the run kept busy.
-        "cpu_seconds_after_load": round(_cpu_seconds() - cpu_ready, 2),
-        "results": records,
     }
-    atomic_write_text(
-        out / "predictions.json", json.dumps(summary, indent=1, ensure_ascii=False), fsync=False
-    )
 
+
+def _report(run: _Run, elapsed: float) -> int:
+    """Print what was predicted and where it is; the exit status."""
+    rows = run.rows
+    out = run.out
     statuses = Counter(r["status"] for r in rows if r)
     calls = Counter(r["prediction"] for r in rows if r and r["prediction"])
     print(
-        f"predicted {len(items)} input(s) in {elapsed:.1f} s: "
+        f"predicted {len(run.items)} input(s) in {elapsed:.1f} s: "
         + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
     )
     if calls:
         print("calls: " + ", ".join(f"{k} {v}" for k, v in calls.most_common()))
     print(f"table:    {out / 'predictions.csv'}")
     print(f"details:  {out / 'predictions.json'}")
-    if overlays:
+    if run.overlays:
         print(f"overlays: {out / 'overlays'}")
-    if geojson:
+    if run.geojson:
         print(f"geojson:  {out / 'geojson'} (QuPath: File > Import objects)")
     if any(r and r["tiles"] for r in rows):
         print(f"tiles:    {out / 'tiles'}")
@@ -392,12 +374,6 @@ def run_predict(args: argparse.Namespace) -> int:
         )
         return EXIT_SOME_FAILED
     return 0
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process so far (all threads)."""
-    t = os.times()
-    return t.user + t.system
 
 
 def _focus_arg(value: float | None) -> float | None:
@@ -511,10 +487,8 @@ def _predict_chunk(
     if good:
         values = [images[k] for k in good]
         try:
-            if all(isinstance(v, np.ndarray) for v in values):
-                res = predictor.predict_batch(values, mpp=[items[keys.index(k)].mpp for k in good])
-            else:
-                res = predictor.predict_prepared(values)
+            # Prepared images carry their mpp; arrays take the item's.
+            res = predictor.predict_batch(values, mpp=[items[keys.index(k)].mpp for k in good])
             out.update(zip(good, res, strict=True))
         except Exception:  # noqa: BLE001 - isolate the image that broke the batch
             for k in good:
@@ -535,160 +509,22 @@ def _predict_slide(
     region: tuple[int, int, int, int] | None,
     overlay_side: int | None,
 ) -> tuple[PatchResult, np.ndarray | None]:
-    """One whole-slide input; failures become an error row, as for images."""
-    from .slide import predict_slide
+    """One whole-slide input and, with ``overlay_side``, the region shrunk to fit it.
+
+    Failures become an error row, as for images.
+    """
+    from .slide import region_thumbnail
 
     if item.error is not None:
         return PatchResult(status="error", reason=item.error), None
     try:
-        return predict_slide(
-            predictor,
-            item.path,
-            level=level,
-            region=region,
-            mpp=item.mpp,
-            overlay_side=overlay_side,
-        )
+        res = predictor.predict_slide(item.path, level=level, region=region, mpp=item.mpp)
+        thumb = None
+        if overlay_side and res.status != "error" and res.slide:
+            thumb = region_thumbnail(item.path, res.slide, overlay_side)
+        return res, thumb
     except (CalcinosisError, OSError, ValueError) as exc:
         return PatchResult(status="error", reason=error_reason(exc)), None
     except Exception as exc:  # noqa: BLE001 - one broken slide must not stop the run
         traceback.print_exc(file=sys.stderr)
         return PatchResult(status="error", reason=f"internal error: {error_reason(exc)}"), None
-
-
-def _planned_files(
-    out: Path, name: str, res: PatchResult, overlays: bool, geojson: bool
-) -> dict[str, str]:
-    """Relative output paths for one result (nothing for unreadable inputs)."""
-    if res.status == "error" or res.label_map is None:
-        return {}
-    files = {}
-    if overlays:
-        files["overlay"] = f"overlays/{name}.png"
-    if geojson:
-        files["geojson"] = f"geojson/{name}.geojson"
-    if res.tiles is not None:
-        files["tiles"] = f"tiles/{name}.csv"
-        if res.lesions is not None:
-            files["lesions"] = f"lesions/{name}.csv"
-    return files
-
-
-def _write_outputs(
-    out: Path,
-    name: str,
-    res: PatchResult,
-    rgb: Any,
-    files: dict[str, str],
-    png_level: int = PNG_COMPRESSION,
-    max_side: int | None = None,
-    class_names: Sequence[str] = CLASS_NAMES,
-    deposit_labels: Sequence[str] = DEPOSIT_LABELS,
-) -> None:
-    """Overlay PNG, GeoJSON, tile and lesion tables of one result (runs in the thread pool).
-
-    ``png_level`` is the overlay PNG's zlib level (``overlay.PNG_COMPRESSION``).
-    ``rgb`` may be smaller than the label map (a slide region's shrunk copy):
-    the map is then shrunk to it, nearest-neighbour, for the overlay, whose
-    longest side ``max_side`` caps (default ``overlay.MAX_SIDE``). A slide's
-    GeoJSON is written in the slide's level-0 coordinates (``res.slide``), one
-    annotation per lesion (``geojson.lesion_features``) when the result has lesions.
-    ``class_names`` and ``deposit_labels`` name the lesion table's columns.
-    """
-    import cv2
-
-    from .geojson import feature_collection, label_map_to_features, lesion_features, write_geojson
-    from .lesions import lesion_columns, lesion_row
-    from .overlay import MAX_SIDE, render_overlay, write_overlay
-
-    try:
-        lm = res.label_map
-        slide = res.slide
-        if "overlay" in files and isinstance(rgb, np.ndarray):
-            title = Path(res.path or name).name
-            if slide:
-                title += f"  level {slide['level']}, region {','.join(map(str, slide['region']))}"
-            if res.mode == "region" and res.region:
-                title += f"  ({res.region['tissue_tiles']} tissue tiles)"
-            ov_lm = lm
-            if lm is not None and lm.shape != rgb.shape[:2]:
-                ov_lm = cv2.resize(
-                    lm, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST
-                )
-            img = render_overlay(
-                rgb,
-                ov_lm,
-                res.probabilities or None,
-                res.prediction,
-                res.stain,
-                title,
-                status=res.status,
-                stain_prob=res.stain_probability,
-                also_present=(res.region or {}).get("also_present") or (),
-                max_side=max_side or MAX_SIDE,
-            )
-            del ov_lm
-            write_overlay(out / files["overlay"], img, png_level)
-        if "geojson" in files and lm is not None:
-            mpp, offset, scale = res.mpp, (0.0, 0.0), 1.0
-            if slide:
-                # Label-map pixels (of the level read) -> the slide's level-0 pixels.
-                scale = float(slide["level_downsample"])
-                offset = (float(slide["origin"][0]), float(slide["origin"][1]))
-                mpp = res.mpp / scale if res.mpp else None
-            source = {"source": Path(res.path or name).name}
-            if res.lesions is not None and res.lesion_components is not None:
-                feats = lesion_features(
-                    lm,
-                    res.lesions,
-                    res.lesion_components,
-                    mpp,
-                    offset=offset,
-                    scale=scale,
-                    properties=source,
-                )
-            else:
-                feats = label_map_to_features(
-                    lm, mpp, offset=offset, scale=scale, properties=source
-                )
-            props = {
-                "image": res.path,
-                "prediction": res.prediction,
-                "status": res.status,
-                "probabilities": res.probabilities,
-                "stain": res.stain,
-                "mpp": mpp,
-            }
-            if res.region:
-                props["also_present"] = res.region.get("also_present") or []
-                props["tile_mean_probabilities"] = res.region.get("tile_mean_probabilities")
-            if slide:
-                props["slide"] = {
-                    k: slide[k] for k in ("reader", "level", "level_downsample", "region", "origin")
-                }
-            write_geojson(out / files["geojson"], feature_collection(feats, props))
-        if "tiles" in files and res.tiles is not None:
-            keys: list[str] = []
-            for t in res.tiles:
-                keys.extend(k for k in t if k not in keys)
-            rows = [{k: _cell(t.get(k)) for k in keys} for t in res.tiles]
-            _write_csv(out / files["tiles"], keys, rows)
-        if "lesions" in files and res.lesions is not None:
-            cols = lesion_columns(class_names, deposit_labels)
-            rows = [{k: _cell(v) for k, v in lesion_row(les).items()} for les in res.lesions]
-            _write_csv(out / files["lesions"], cols, rows)
-    finally:
-        res.label_map = None  # free the map as soon as its files are written
-
-
-def _cell(v: Any) -> Any:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return "" if v is None else v
-
-
-def _write_csv(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
-    with atomic_write(path, "w", newline="", fsync=False) as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)

@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError
+from calcinosis.model.fileio import to_jsonable
 
-__all__ = ["STATUSES", "PatchResult", "error_reason", "jsonable"]
+from .tiling import label_histogram
+
+__all__ = ["STATUSES", "PatchResult", "error_reason"]
 
 #: ``ok``; ``indeterminate`` (top calibrated probability below the threshold);
 #: ``no_tissue`` (the network is not asked); ``out_of_focus`` (probabilities
@@ -71,23 +74,27 @@ class PatchResult:
         d = {
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip
         }
-        return jsonable(d)
+        return to_jsonable(d)
+
+    def set_stain(self, probs: np.ndarray, names: list[str]) -> None:
+        """The stain call from stain probabilities: all of them, the top one and its probability."""
+        self.stain_probabilities = {s: float(p) for s, p in zip(names, probs, strict=True)}
+        k = int(np.argmax(probs))
+        self.stain = names[k]
+        self.stain_probability = float(probs[k])
+
+    def set_deposit_areas(self, label_map: np.ndarray, labels: list[str]) -> None:
+        """Deposit area per label (not background) of a label map, in pixels and square microns."""
+        counts = label_histogram(label_map, len(labels))
+        self.deposit_area_px = {name: int(counts[k]) for k, name in enumerate(labels) if k > 0}
+        if self.mpp:
+            a = float(self.mpp) ** 2
+            self.deposit_area_um2 = {k: v * a for k, v in self.deposit_area_px.items()}
+        else:
+            self.deposit_area_um2 = None
 
 
 def error_reason(exc: BaseException) -> str:
     """The ``reason`` of an error result: the message, with the type for unexpected errors."""
     msg = str(exc) or type(exc).__name__
     return msg if isinstance(exc, CalcinosisError) else f"{type(exc).__name__}: {msg}"
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars unwrapped, tuples as lists, NaN/inf as None."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj

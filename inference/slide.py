@@ -39,14 +39,13 @@ otherwise claim 350 µm per pixel). ``--mpp`` overrides the slide's value.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import cv2
 import numpy as np
@@ -55,10 +54,7 @@ from calcinosis.model import imageio
 from calcinosis.model.errors import CalcinosisError, ImageReadError
 from calcinosis.model.imageio import check_file, load_image
 
-from .result import PatchResult
-from .tiling import PAD_VALUE, PixelSource
-
-log = logging.getLogger(__name__)
+from .tiling import PAD_VALUE
 
 #: Suffixes that are always whole-slide files (never decoded as ordinary images).
 SLIDE_ONLY_EXTENSIONS: frozenset[str] = frozenset(
@@ -568,93 +564,20 @@ class SlideRegionSource:
         return out
 
 
-# --------------------------------------------------------------------------- prediction
+# --------------------------------------------------------------------------- overlay
 
 
-class SourcePredictor(Protocol):
-    """What :func:`predict_slide` needs of a predictor (``Predictor`` is one)."""
+def region_thumbnail(
+    path: str | os.PathLike[str], slide_info: dict[str, Any], side: int
+) -> np.ndarray:
+    """The region a slide prediction read, shrunk to fit ``side`` pixels: its overlay's background.
 
-    model_mpp: float | None
-
-    def predict_source(
-        self, source: PixelSource, mpp: float | None = None, name: str | None = None
-    ) -> PatchResult: ...
-
-
-def predict_slide(
-    predictor: SourcePredictor,
-    path: str | os.PathLike[str],
-    *,
-    level: int | None = None,
-    region: tuple[int, int, int, int] | None = None,
-    mpp: float | None = None,
-    overlay_side: int | None = None,
-) -> tuple[PatchResult, np.ndarray | None]:
-    """Predict one region of a slide (default: all of it) without reading it whole.
-
-    ``region`` is ``(x, y, w, h)`` in level-0 pixels (QuPath's frame);
-    ``level`` defaults to :meth:`Slide.best_level` for the model's mpp;
-    ``mpp`` is level 0's microns per pixel (default: the slide's). The
-    result's label map is at the read level's resolution over the region;
-    ``result.slide`` records the level, the region and how to map label-map
-    pixels to slide coordinates (``origin`` + pixel x ``downsample``), which
-    the GeoJSON writer uses; the lesions' ``centroid``, ``bbox`` and
-    ``area_px`` are converted to level-0 pixels of the same frame (``area_um2``
-    needs no conversion). With ``overlay_side``, also returns the region
-    shrunk to fit that many pixels (the overlay's background), else None.
+    ``slide_info`` is the result's ``slide`` record (``region.predict_slide``):
+    the level and the window of it that was read. Read band by band from the
+    coarsest level with enough detail (:meth:`SlideRegionSource.thumbnail`).
     """
+    lx, ly, lw, lh = (int(v) for v in slide_info["level_region"])
+    scale = min(1.0, side / max(lw, lh))
     with open_slide(path) as slide:
-        if mpp is not None:
-            mpp0: float | None = float(mpp)
-            mpp_source = "given"
-        elif slide.mpp is not None:
-            mpp0, mpp_source = slide.mpp, "slide"
-        else:
-            mpp0, mpp_source = None, "assumed"
-            log.warning(
-                "%s: %s; assuming the model's %s um/px (pass --mpp to set level 0's)",
-                slide.path,
-                slide.mpp_note,
-                predictor.model_mpp,
-            )
-        if level is None:
-            lvl = slide.best_level(predictor.model_mpp, mpp0) if predictor.model_mpp else 0
-        else:
-            lvl = slide.check_level(level)
-        x, y, w, h = slide.check_region(region)
-        lx, ly, lw, lh = slide.level_window(lvl, (x, y, w, h))
-        ds = slide.level_downsamples[lvl]
-        source = SlideRegionSource(slide, lvl, lx, ly, lw, lh)
-        level_mpp = None if mpp0 is None else mpp0 * ds
-        res = predictor.predict_source(source, mpp=level_mpp, name=str(path))
-        thumb = None
-        if overlay_side and res.status != "error":
-            scale = min(1.0, overlay_side / max(lw, lh))
-            thumb = source.thumbnail(max(1, round(lw * scale)), max(1, round(lh * scale)))
-        ox, oy = slide.level_origin(lvl, lx, ly)
-        res.slide = {
-            **slide.describe(),
-            "level": lvl,
-            "level_auto": level is None,
-            "level_downsample": ds,
-            "mpp_source": mpp_source,
-            "mpp_level0": mpp0,
-            "region": [x, y, w, h],
-            "level_region": [lx, ly, lw, lh],
-            "origin": [ox, oy],
-            "max_read_px": source.max_read_px,
-        }
-        if res.tiles:
-            for t in res.tiles:
-                t["slide_x0"] = round(ox + t["x0"] * ds, 1)
-                t["slide_y0"] = round(oy + t["y0"] * ds, 1)
-                t["slide_size"] = round(t["size"] * ds, 1)
-        if res.lesions:
-            # Lesions in the GeoJSON's frame: level-0 pixels (areas too).
-            from .lesions import to_frame
-
-            to_frame(res.lesions, (ox, oy), ds)
-            for g in (res.region or {}).get("classes_present") or []:
-                g["area_px"] = float(g["area_px"]) * ds * ds
-    res.path = str(path)
-    return res, thumb
+        source = SlideRegionSource(slide, int(slide_info["level"]), lx, ly, lw, lh)
+        return source.thumbnail(max(1, round(lw * scale)), max(1, round(lh * scale)))

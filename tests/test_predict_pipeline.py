@@ -29,12 +29,12 @@ def _images() -> list[np.ndarray]:
     return [*patches, blank, odd, region]
 
 
-def test_prepare_then_predict_prepared_equals_predict_batch(robust_predictor):
+def test_prepared_images_give_what_the_images_give(robust_predictor):
     images = _images()
     expected = robust_predictor.predict_batch(images)
     with ThreadPoolExecutor(3) as pool:  # prepare() runs in decoding threads in predict
         preps = list(pool.map(robust_predictor.prepare, images))
-    got = robust_predictor.predict_prepared(preps)
+    got = robust_predictor.predict_batch(preps)
     assert [r.status for r in got] == [r.status for r in expected]
     assert [r.mode for r in got] == [r.mode for r in expected]
     assert got[3].status == "no_tissue" and got[5].mode == "region"

@@ -23,7 +23,7 @@ from calcinosis.inference.slide import (
     is_slide_file,
     open_slide,
     parse_region,
-    predict_slide,
+    region_thumbnail,
 )
 from calcinosis.model.errors import CalcinosisError, ImageReadError
 from calcinosis.model.labels import CLASS_NAMES
@@ -289,7 +289,7 @@ def test_predict_slide_region_matches_png_and_geojson_lands_in_place(
 @needs_tiffslide
 def test_level_choice_and_resampling(region_rgb, robust_predictor, tmp_path, monkeypatch):
     """A 0.25 um/px slide: level 1 is the model's 0.5 um/px; level 0 is shrunk band by band."""
-    import calcinosis.inference.predictor as predictor_mod
+    import calcinosis.inference.region as region_mod
     import calcinosis.inference.tiling as tiling
 
     l1 = half(region_rgb)
@@ -302,7 +302,7 @@ def test_level_choice_and_resampling(region_rgb, robust_predictor, tmp_path, mon
     # Level 0 is resampled to the model's mpp in bands (tiny bands here), never whole;
     # a small thumbnail side makes tissue detection use a thumbnail, as on big regions.
     monkeypatch.setattr(tiling, "BAND_BYTES", 150_000)
-    monkeypatch.setattr(predictor_mod, "TISSUE_THUMB_SIDE", 64)
+    monkeypatch.setattr(region_mod, "TISSUE_THUMB_SIDE", 64)
     lvl0 = robust_predictor.predict_slide(fine, level=0)
     whole = robust_predictor.predict(region_rgb, mpp=0.25)
     assert lvl0.slide["level"] == 0 and lvl0.mode == whole.mode == "region"
@@ -319,14 +319,26 @@ def test_level_choice_and_resampling(region_rgb, robust_predictor, tmp_path, mon
 
 @needs_tiffslide
 def test_slide_is_never_read_whole(svs, robust_predictor, monkeypatch):
-    import calcinosis.inference.predictor as predictor_mod
+    import calcinosis.inference.region as region_mod
+    from calcinosis.inference.slide import Slide
 
     # Make the tissue thumbnail path the one taken, as on regions above 2048 px.
-    monkeypatch.setattr(predictor_mod, "TISSUE_THUMB_SIDE", 128)
-    res, thumb = predict_slide(robust_predictor, svs, overlay_side=200)
+    monkeypatch.setattr(region_mod, "TISSUE_THUMB_SIDE", 128)
+    res = robust_predictor.predict_slide(svs)
     assert res.mode == "region" and res.label_map.shape == (H, W)
     assert res.slide["max_read_px"] <= (W // 2) * (H // 2)  # at most level 1 for the thumbnail
-    assert thumb is not None and max(thumb.shape[:2]) == 200
+    # The overlay's background is read from the coarsest level with its detail, in bands.
+    reads: list[int] = []
+    read_level = Slide.read_level
+
+    def counting(self, level, lx, ly, w, h):
+        reads.append(w * h)
+        return read_level(self, level, lx, ly, w, h)
+
+    monkeypatch.setattr(Slide, "read_level", counting)
+    thumb = region_thumbnail(svs, res.slide, 200)
+    assert max(thumb.shape[:2]) == 200 and thumb.dtype == np.uint8
+    assert reads and max(reads) <= (W // 2) * (H // 2)
 
 
 @needs_tiffslide

@@ -1,0 +1,492 @@
+"""Region prediction: an image much larger than the network input, tile -> stitch -> lesions.
+
+The path of one region (an image in memory, or a slide region read band by
+band straight from the file):
+
+1. :func:`predict_slide` opens the slide, picks the level and reads the
+   region through a pixel source (``slide.SlideRegionSource``); an image in
+   memory is an ``ArraySource``. :func:`predict_source` puts the source at the
+   model's microns per pixel (``tiling.ResampledSource``, a band at a time).
+2. :class:`TissueMap`: tissue is found once, on a thumbnail, so each tile's
+   tissue fraction and mask cost nothing; glass tiles never reach the network.
+3. :class:`TileRun`: the tiles of ``tiling.tile_grid`` are read in row-major
+   order, checked for focus, preprocessed as every patch is
+   (``Preprocessing.apply``) and run in batches; each tile's deposit
+   probabilities go into the ``tiling.Stitcher``, which blends them into one
+   label map a band of rows at a time.
+4. The stitched map's deposits become lesions (``lesions.find_lesions``) and
+   the region is called by them (``lesions.region_call``); the
+   tissue-weighted mean of the tile probabilities stays in
+   ``region["tile_mean_probabilities"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from calcinosis.model.labels import INDETERMINATE
+from calcinosis.model.probability import softmax
+
+from .lesions import region_call, to_frame
+from .result import PatchResult
+from .slide import SlideRegionSource, open_slide
+from .tiling import PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
+from .tissue import focus_measure, outside_section, tissue_mask
+
+if TYPE_CHECKING:
+    from .predictor import Predictor
+
+__all__ = [
+    "TISSUE_THUMB_SIDE",
+    "TileRun",
+    "TissueMap",
+    "predict_region",
+    "predict_slide",
+    "predict_source",
+]
+
+log = logging.getLogger(__name__)
+
+#: Region tissue detection runs on a thumbnail whose longer side is at most this.
+TISSUE_THUMB_SIDE = 2048
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def predict_slide(
+    predictor: Predictor,
+    path: str | os.PathLike[str],
+    *,
+    level: int | None = None,
+    region: tuple[int, int, int, int] | None = None,
+    mpp: float | None = None,
+) -> PatchResult:
+    """Predict one region of a slide (default: all of it) without reading it whole.
+
+    ``region`` is ``(x, y, w, h)`` in level-0 pixels (QuPath's frame);
+    ``level`` defaults to ``Slide.best_level`` for the model's mpp; ``mpp`` is
+    level 0's microns per pixel (default: the slide's). The result's label map
+    is at the read level's resolution over the region; ``result.slide``
+    records the level, the region and how to map label-map pixels to slide
+    coordinates (``origin`` + pixel x ``downsample``), which the GeoJSON
+    writer and ``slide.region_thumbnail`` use; the lesions' ``centroid``,
+    ``bbox`` and ``area_px`` are converted to level-0 pixels of the same frame
+    (``area_um2`` needs no conversion).
+    """
+    with open_slide(path) as slide:
+        mpp0, mpp_source = _slide_mpp(slide, mpp, predictor.model_mpp)
+        if level is None:
+            lvl = slide.best_level(predictor.model_mpp, mpp0) if predictor.model_mpp else 0
+        else:
+            lvl = slide.check_level(level)
+        x, y, w, h = slide.check_region(region)
+        lx, ly, lw, lh = slide.level_window(lvl, (x, y, w, h))
+        ds = slide.level_downsamples[lvl]
+        source = SlideRegionSource(slide, lvl, lx, ly, lw, lh)
+        level_mpp = None if mpp0 is None else mpp0 * ds
+        res = predict_source(predictor, source, mpp=level_mpp, name=str(path))
+        ox, oy = slide.level_origin(lvl, lx, ly)
+        res.slide = {
+            **slide.describe(),
+            "level": lvl,
+            "level_auto": level is None,
+            "level_downsample": ds,
+            "mpp_source": mpp_source,
+            "mpp_level0": mpp0,
+            "region": [x, y, w, h],
+            "level_region": [lx, ly, lw, lh],
+            "origin": [ox, oy],
+            "max_read_px": source.max_read_px,
+        }
+    _to_slide_frame(res, (ox, oy), ds)
+    res.path = str(path)
+    return res
+
+
+def predict_source(
+    predictor: Predictor, source: PixelSource, mpp: float | None = None, name: str | None = None
+) -> PatchResult:
+    """Predict an image served by a pixel source (``tiling.PixelSource``), such as a slide region.
+
+    A source that is small at the model's mpp is read whole and predicted
+    like an array; a larger one is tiled straight from the source,
+    resampled a band at a time when its mpp differs from the model's, so
+    it is never held whole.
+    """
+    h0, w0 = source.shape[:2]
+    _, factor, _ = predictor.resolution(mpp)
+    nh, nw = max(1, round(h0 * factor)), max(1, round(w0 * factor))
+    if not predictor.is_region((nh, nw)):
+        return predictor.predict_batch([source.read(0, 0, h0, w0)], mpp=[mpp], names=[name])[0]
+    base = predictor.result_template(name, (h0, w0), mpp)
+    base.mode = "region"
+    src = source if factor == 1.0 else ResampledSource(source, factor)
+    return predict_region(predictor, src, base, factor)
+
+
+def predict_region(
+    predictor: Predictor, source: PixelSource, result: PatchResult, factor: float
+) -> PatchResult:
+    """Tile, run, stitch, find the lesions and call a region; fills and returns ``result``.
+
+    ``source`` serves the region at the model's mpp; ``factor`` is that scale
+    over the region's own (``result`` holds its size), so tiles, maps and
+    lesions are reported in the region's own pixels. Tiles beyond the image
+    read as white glass, as if padded.
+    """
+    tissue = TissueMap(source, predictor.input_size)
+    run = TileRun(predictor, source.shape[:2])
+    for y0, x0 in run.grid:
+        run.visit(source, tissue, y0, x0, 1.0 / factor)
+    run.flush()
+    label_map, deposit_prob = _finish_maps(run, tissue, result, factor)
+    result.label_map = label_map
+    result.tiles = run.tiles
+    result.tissue_fraction = tissue.fraction
+    result.set_deposit_areas(label_map, predictor.deposit_labels)
+    tile_mean = run.tile_mean()
+    if tile_mean is not None:
+        result.set_stain(run.stain_mean(), predictor.stain_names)
+    found = predictor.find_lesions(
+        result,
+        label_map,
+        np.asarray(run.seen_boxes, np.int64).reshape(-1, 3),
+        np.asarray(run.seen_probs, np.float64).reshape(
+            len(run.seen_boxes), len(predictor.class_names)
+        ),
+        run.seen_in_focus,
+        deposit_prob=deposit_prob,
+        fallback=tile_mean,
+    )
+    result.lesions, result.lesion_components = found.lesions, found.components
+    call = _call(predictor, result, run, tile_mean)
+    result.region = _summary(predictor, result, run, tile_mean, call, 1.0 / factor)
+    return result
+
+
+# --------------------------------------------------------------------------- steps
+
+
+class TissueMap:
+    """A region's tissue, found once on a thumbnail: the whole's fraction, each tile's, its mask.
+
+    The thumbnail's longer side is at most :data:`TISSUE_THUMB_SIDE`, so
+    memory and time stay bounded on big regions; an integral image of the mask
+    gives any tile's tissue fraction in O(1).
+    """
+
+    def __init__(self, source: PixelSource, tile: int) -> None:
+        hw, ww = source.shape[:2]
+        self.shape, self.tile = (hw, ww), tile
+        self.ds = max(1, int(np.ceil(max(hw, ww) / TISSUE_THUMB_SIDE)))
+        if self.ds == 1:
+            thumb = source.read(0, 0, hw, ww)
+        else:
+            thumb = source.thumbnail(max(1, ww // self.ds), max(1, hw // self.ds))
+        self.mask = tissue_mask(thumb)
+        del thumb
+        self.fraction = float(self.mask.mean())
+        self._integral = cv2.integral(self.mask.astype(np.uint8))
+        th, tw = self.mask.shape
+        self._sy, self._sx = th / hw, tw / ww
+
+    def tile_fraction(self, y0: int, x0: int) -> float:
+        """Share of tissue in the tile at ``(y0, x0)``."""
+        s, (hw, ww), (th, tw) = self.tile, self.shape, self.mask.shape
+        sy, sx = self._sy, self._sx
+        ya = int(y0 * sy)
+        yb = max(ya + 1, min(th, int(np.ceil(min(y0 + s, hw) * sy))))
+        xa = int(x0 * sx)
+        xb = max(xa + 1, min(tw, int(np.ceil(min(x0 + s, ww) * sx))))
+        ya, xa = min(ya, th - 1), min(xa, tw - 1)
+        integ = self._integral
+        tot = integ[yb, xb] - integ[ya, xb] - integ[yb, xa] + integ[ya, xa]
+        return float(tot) / max(1, (yb - ya) * (xb - xa))
+
+    def tile_mask(self, y0: int, x0: int) -> np.ndarray:
+        """The tile's tissue mask, from the thumbnail (cheaper than recomputing it)."""
+        s, mask = self.tile, self.mask
+        if self.ds == 1:
+            m = np.zeros((s, s), bool)
+            part = mask[y0 : y0 + s, x0 : x0 + s]
+            m[: part.shape[0], : part.shape[1]] = part
+            return m
+        ya, xa = int(y0 * self._sy), int(x0 * self._sx)
+        yb = max(ya + 1, int(np.ceil((y0 + s) * self._sy)))
+        xb = max(xa + 1, int(np.ceil((x0 + s) * self._sx)))
+        part = np.zeros((yb - ya, xb - xa), np.uint8)
+        sub = mask[ya:yb, xa:xb]
+        part[: sub.shape[0], : sub.shape[1]] = sub
+        return cv2.resize(part, (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+class TileRun:
+    """The tiles of one region, visited in row-major order, and what they produced.
+
+    Besides the label map, the stitcher's rows give the per-pixel deposit
+    probability (``1 - p(label 0)``) at uint8 (a quarter of float32), for
+    each lesion's ``deposit_probability``. Tiles waiting for the network are
+    held with their pixels, so a source is read once, in order.
+    """
+
+    def __init__(self, predictor: Predictor, shape: tuple[int, int]) -> None:
+        self.predictor = predictor
+        s, ov = predictor.input_size, predictor.tile_overlap
+        hw, ww = shape
+        self.shape = (hw, ww)
+        self.depth = len(predictor.deposit_labels)
+        self.deposit_prob = np.zeros((hw, ww), np.uint8)
+        self.stitcher = Stitcher((hw, ww), self.depth, s, ov, consumer=self._keep_deposit_prob)
+        self.grid = tile_grid((max(hw, s), max(ww, s)), s, ov)
+        #: One row per tile (the tile table), in region pixels.
+        self.tiles: list[dict[str, Any]] = []
+        #: Every tile the network saw: (y0, x0, size) in region pixels, probabilities, in focus.
+        self.seen_boxes: list[tuple[int, int, int]] = []
+        self.seen_probs: list[np.ndarray] = []
+        self.seen_in_focus: list[bool] = []
+        # In-focus tiles: tissue fraction (the weight), class and stain probabilities.
+        self._weights: list[float] = []
+        self._probs: list[np.ndarray] = []
+        self._stains: list[np.ndarray] = []
+        self._todo: list[tuple[dict[str, Any], int, int, np.ndarray]] = []
+
+    def _keep_deposit_prob(self, top: int, probs: np.ndarray, _wsum: np.ndarray) -> None:
+        band = 255.0 * (1.0 - probs[..., 0]) + 0.5
+        np.clip(band, 0.0, 255.0, out=band)
+        self.deposit_prob[top : top + probs.shape[0]] = band.astype(np.uint8)
+
+    def visit(self, source: PixelSource, tissue: TissueMap, y0: int, x0: int, inv: float) -> None:
+        """Check the tile at ``(y0, x0)``: glass is skipped, tissue queued for the network."""
+        p, s = self.predictor, self.predictor.input_size
+        tf = tissue.tile_fraction(y0, x0)
+        row: dict[str, Any] = {
+            "y0": int(round(y0 * inv)),
+            "x0": int(round(x0 * inv)),
+            "size": int(round(s * inv)),
+            "tissue_fraction": tf,
+        }
+        self.tiles.append(row)
+        if tf < p.min_tissue_fraction:
+            row.update(status="no_tissue", prediction=None)
+            return
+        tile_img = source.read(y0, x0, s, s)
+        foc = focus_measure(tile_img, tissue.tile_mask(y0, x0))
+        row["focus"] = foc
+        row["status"] = (
+            "out_of_focus" if p.focus_threshold is not None and foc < p.focus_threshold else "ok"
+        )
+        self._todo.append((row, y0, x0, tile_img))
+        if len(self._todo) >= p.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Run the queued tiles through the network and stitch their deposit maps."""
+        if not self._todo:
+            return
+        p = self.predictor
+        batch = np.stack([p.preprocessing.apply(t[3])[0] for t in self._todo])
+        cls_l, stain_l, dep_l = p.infer(batch, p.region_tta)
+        probs = p.calibrated(cls_l)
+        stain_p = softmax(np.asarray(stain_l, np.float32), axis=-1)
+        dep = softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)
+        for j, (row, y, x, _) in enumerate(self._todo):
+            tile_map = np.ascontiguousarray(dep[j])
+            self.stitcher.add(y, x, tile_map)
+            self._record(row, probs[j], stain_p[j], tile_map, y, x)
+        self._todo.clear()
+
+    def _record(
+        self,
+        row: dict[str, Any],
+        p: np.ndarray,
+        stain: np.ndarray,
+        tile_map: np.ndarray,
+        y: int,
+        x: int,
+    ) -> None:
+        """One tile's calls into its row of the tile table and the region's tallies."""
+        pr = self.predictor
+        top = int(p.argmax())
+        row["prediction"] = (
+            pr.class_names[top] if p[top] >= pr.indeterminate_threshold else INDETERMINATE
+        )
+        for k, c in enumerate(pr.class_names):
+            row[f"p_{c}"] = float(p[k])
+        si = int(stain.argmax())
+        row["stain"] = pr.stain_names[si]
+        row["p_stain"] = float(stain[si])
+        s, (hw, ww) = pr.input_size, self.shape
+        lab = tile_map[: min(s, hw - y), : min(s, ww - x)].argmax(-1)
+        counts = label_histogram(lab.astype(np.uint8), self.depth)
+        for k, name in enumerate(pr.deposit_labels[1:], start=1):
+            row[f"tile_px_{name}"] = int(counts[k])
+        self.seen_boxes.append((row["y0"], row["x0"], row["size"]))
+        self.seen_probs.append(p)
+        self.seen_in_focus.append(row["status"] == "ok")
+        if row["status"] == "ok":
+            self._weights.append(row["tissue_fraction"])
+            self._probs.append(p)
+            self._stains.append(stain)
+
+    def _mean(self, values: list[np.ndarray]) -> np.ndarray | None:
+        """Tissue-weighted mean over the in-focus tiles (None without any)."""
+        if not self._weights:
+            return None
+        w = np.asarray(self._weights, np.float64)
+        w = w / w.sum() if w.sum() > 0 else np.full_like(w, 1.0 / len(w))
+        return (np.asarray(values) * w[:, None]).sum(0)
+
+    def tile_mean(self) -> np.ndarray | None:
+        """Tissue-weighted mean class probabilities of the in-focus tiles."""
+        return self._mean(self._probs)
+
+    def stain_mean(self) -> np.ndarray | None:
+        """Tissue-weighted mean stain probabilities of the in-focus tiles."""
+        return self._mean(self._stains)
+
+    def count(self, *statuses: str) -> int:
+        return sum(1 for t in self.tiles if t.get("status") in statuses)
+
+
+def _finish_maps(
+    run: TileRun, tissue: TissueMap, result: PatchResult, factor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stitched label map and deposit probability, cleared off the section, at region size.
+
+    No deposit lies on the bare glass around the section: the network's calls
+    there (pale, structureless, like unstained amyloid) are cleared. Pale
+    deposits inside the section are enclosed by tissue and kept.
+    """
+    label_map = run.stitcher.finish()
+    _clear_where(label_map, outside_section(tissue.mask))
+    dep_prob = run.deposit_prob
+    if factor != 1.0:
+        size = (result.width, result.height)
+        label_map = cv2.resize(label_map, size, interpolation=cv2.INTER_NEAREST)
+        dep_prob = cv2.resize(dep_prob, size, interpolation=cv2.INTER_NEAREST)
+    return label_map, dep_prob
+
+
+def _call(
+    predictor: Predictor, res: PatchResult, run: TileRun, tile_mean: np.ndarray | None
+) -> dict[str, Any]:
+    """The region's prediction and status from its lesions (``lesions.region_call``)."""
+    if tile_mean is not None:
+        call = region_call(
+            res.lesions,
+            dict(zip(predictor.class_names, map(float, tile_mean), strict=True)),
+            predictor.class_names,
+            indeterminate_threshold=predictor.indeterminate_threshold,
+        )
+        res.probabilities = call["probabilities"]
+        res.prediction, res.status, res.reason = call["prediction"], call["status"], call["reason"]
+        return call
+    n_tissue = run.count("ok", "out_of_focus")
+    if n_tissue:
+        res.status = "out_of_focus"
+        res.reason = f"all {n_tissue} tissue tiles are out of focus"
+        res.prediction = None
+    else:
+        res.status = "no_tissue"
+        res.reason = (
+            f"no tile has at least {predictor.min_tissue_fraction:.0%} tissue: "
+            "blank glass or background"
+        )
+    return {}
+
+
+def _summary(
+    predictor: Predictor,
+    res: PatchResult,
+    run: TileRun,
+    tile_mean: np.ndarray | None,
+    call: dict[str, Any],
+    inv: float,
+) -> dict[str, Any]:
+    """``result.region``: tiles, tissue, burden, votes, the call's basis and the settings used."""
+    tissue_px = res.tissue_fraction * res.height * res.width
+    area_um = (res.mpp or 0.0) ** 2
+    votes: dict[str, int] = {}
+    for t in run.tiles:
+        if t.get("status") == "ok":
+            votes[t["prediction"]] = votes.get(t["prediction"], 0) + 1
+    names = predictor.class_names
+    return {
+        "tiles": len(run.tiles),
+        "tissue_tiles": run.count("ok", "out_of_focus"),
+        "out_of_focus_tiles": run.count("out_of_focus"),
+        "tile_size_px": int(round(predictor.input_size * inv)),
+        "tile_overlap_px": int(round(predictor.tile_overlap * inv)),
+        "tissue_area_px": float(tissue_px),
+        "tissue_area_um2": float(tissue_px * area_um) if res.mpp else None,
+        "deposit_burden": {
+            k: (float(v) / tissue_px if tissue_px > 0 else 0.0)
+            for k, v in res.deposit_area_px.items()
+        },
+        "tile_votes": votes,
+        # The mean the region used to be called by, for reference.
+        "tile_mean_probabilities": (
+            None
+            if tile_mean is None
+            else {c: float(p) for c, p in zip(names, tile_mean, strict=True)}
+        ),
+        "call_basis": call.get("basis"),
+        "lesion_class": call.get("lesion_class"),
+        "also_present": call.get("also_present", []),
+        "classes_present": call.get("classes_present", []),
+        "lesions_found": len(res.lesions or []),
+        "lesions_passed": sum(1 for les in res.lesions or [] if les["passed"]),
+        "lesion_threshold": predictor.lesion_threshold,
+        "min_lesion_area_um2": predictor.min_lesion_area_um2,
+    }
+
+
+def _clear_where(label_map: np.ndarray, coarse: np.ndarray, band_rows: int = 1024) -> None:
+    """Set ``label_map`` to 0 where the coarse boolean mask (nearest-neighbour
+    scaled to its size) is True; row band by band, no full-size temporary."""
+    if not coarse.any():
+        return
+    h, w = label_map.shape
+    th, tw = coarse.shape
+    cols = np.minimum(np.arange(w) * tw // w, tw - 1)
+    for y0 in range(0, h, band_rows):
+        y1 = min(h, y0 + band_rows)
+        rows = np.minimum(np.arange(y0, y1) * th // h, th - 1)
+        label_map[y0:y1][coarse[rows[:, None], cols[None, :]]] = 0
+
+
+# --------------------------------------------------------------------------- slides
+
+
+def _slide_mpp(slide: Any, mpp: float | None, model_mpp: float | None) -> tuple[float | None, str]:
+    """Level 0's microns per pixel and where they came from: given, the slide's, or assumed."""
+    if mpp is not None:
+        return float(mpp), "given"
+    if slide.mpp is not None:
+        return slide.mpp, "slide"
+    log.warning(
+        "%s: %s; assuming the model's %s um/px (pass --mpp to set level 0's)",
+        slide.path,
+        slide.mpp_note,
+        model_mpp,
+    )
+    return None, "assumed"
+
+
+def _to_slide_frame(res: PatchResult, origin: tuple[float, float], ds: float) -> None:
+    """Tiles and lesions of a slide region in level-0 pixels of QuPath's frame (areas too)."""
+    ox, oy = origin
+    for t in res.tiles or []:
+        t["slide_x0"] = round(ox + t["x0"] * ds, 1)
+        t["slide_y0"] = round(oy + t["y0"] * ds, 1)
+        t["slide_size"] = round(t["size"] * ds, 1)
+    if res.lesions:
+        to_frame(res.lesions, (ox, oy), ds)
+        for g in (res.region or {}).get("classes_present") or []:
+            g["area_px"] = float(g["area_px"]) * ds * ds
