@@ -151,6 +151,7 @@ def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` subcommand; see the module docstring for outputs and exit codes."""
     run = _plan(args)
     t0 = run.started
+    print(run.predictor.describe_tta())
     t_ready, cpu_ready = time.perf_counter(), cpu_seconds()
     for sub in ("overlays",) * run.overlays + ("geojson",) * run.geojson + ("tiles", "lesions"):
         (run.out / sub).mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,11 @@ def _settings(predictor: Predictor) -> dict[str, Any]:
         "model_mpp": predictor.model_mpp,
         "input_size": predictor.input_size,
         "temperature": predictor.temperature,
+        # Test-time augmentation of patches, of tiled regions and slides, and the
+        # mode the temperature was fitted in.
         "tta": predictor.tta,
+        "region_tta": predictor.region_tta,
+        "temperature_tta": predictor.temperature_tta,
         "indeterminate_threshold": predictor.indeterminate_threshold,
         "min_tissue_fraction": predictor.min_tissue_fraction,
         "focus_threshold": predictor.focus_threshold,

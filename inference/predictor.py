@@ -24,6 +24,11 @@ lesions that pass the lesion threshold, other classes present listed in
 tissue-weighted mean of the tile probabilities, which the call used to be,
 stays in ``region["tile_mean_probabilities"]``.
 
+Test-time augmentation: patches run the checkpoint's mode (``inference.tta``,
+the one its temperature was fitted in); tiled regions and slides run one pass
+per tile unless ``tta`` is given (``--tta d4``: 8 passes per tile).
+:meth:`Predictor.describe_tta` says which in one line.
+
 Result statuses: ``ok``; ``indeterminate`` (top calibrated probability below
 the threshold, or for a region the winning class's; the prediction is then the
 word "indeterminate"); ``no_tissue`` (blank glass or background: the network is
@@ -45,9 +50,10 @@ import numpy as np
 from calcinosis.model.errors import CalcinosisError
 from calcinosis.model.imageio import load_image
 from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS, INDETERMINATE, STAIN_NAMES
-from calcinosis.model.metadata import checkpoint_tta, setting
+from calcinosis.model.metadata import checkpoint_tta, setting, temperature_tta
 from calcinosis.model.preprocess import Placement, Preprocessing, resample_to_mpp
 from calcinosis.model.probability import softmax
+from calcinosis.model.tta import TTA_PASSES
 
 from .engines import BACKENDS, Engine, Logits, infer, load_engine
 from .lesions import LESION_THRESHOLD, MIN_LESION_AREA_UM2, Lesions, find_lesions
@@ -157,13 +163,17 @@ class Predictor:
             )
 
     def _set_tta(self, requested: str | None) -> None:
-        """``requested`` or the checkpoint's mode (``inference.tta``)."""
+        """Patches: ``requested`` or the checkpoint's mode; tiles: ``requested`` or one pass."""
         #: Test-time augmentation of patches (``none`` or ``d4``).
         self.tta, warning = checkpoint_tta(self.metadata, requested)
         if warning:
             log.warning(warning)
-        #: Test-time augmentation of the tiles of regions and slides: the same mode.
-        self.region_tta = self.tta
+        #: Test-time augmentation of the tiles of regions and slides (a mode given explicitly
+        #: applies to both; its warning is the one above). A default run's mismatch with the
+        #: temperature's mode is in :meth:`describe_tta`, which ``calcinosis predict`` prints.
+        self.region_tta, _ = checkpoint_tta(self.metadata, requested or "none")
+        #: The mode the temperature was fitted in (None: the checkpoint has no temperature).
+        self.temperature_tta = temperature_tta(self.metadata)
 
     # ------------------------------------------------------------------ construction
 
@@ -271,6 +281,34 @@ class Predictor:
         the results to :meth:`predict_batch`. Raises what reading raises.
         """
         return self._prepare(load_image(image), mpp, name if name is not None else _name_of(image))
+
+    def describe_tta(self) -> str:
+        """The test-time augmentation this predictor runs and what it costs, in one line.
+
+        ``calcinosis predict`` prints it first. It names the mode of patches
+        and of tiled regions and slides, the network passes each costs, and,
+        when a mode differs from the one the temperature was fitted in, that
+        the checkpoint has no temperature for it.
+        """
+        p, r = self.tta, self.region_tta
+        if p == r:
+            text = f"tta {p} ({_passes(p)} per patch and per tile)"
+        else:
+            text = (
+                f"tta {p} for patches ({_passes(p)} per patch), {r} for tiled regions and slides "
+                f"({_passes(r)} per tile; --tta {p} for {TTA_PASSES[p]})"
+            )
+        fitted = self.temperature_tta
+        kinds = (("patches", p), ("tiled regions and slides", r))
+        off = [(what, mode) for what, mode in kinds if fitted and mode != fitted]
+        if off:
+            what, mode = ("all inputs", p) if p == r else off[0]
+            text += (
+                f"; the temperature was fitted with {fitted} and the checkpoint has none for "
+                f"{'one pass' if mode == 'none' else mode}: probabilities of {what} may be a "
+                "little over- or under-confident"
+            )
+        return text
 
     # ------------------------------------------------------------------ shared by patches and regions
 
@@ -503,6 +541,11 @@ def _setting(meta: dict[str, Any], key: str, given: float | None, default: float
     if given is None:
         given = setting(meta, key, ("inference", key), default)
     return float(given)
+
+
+def _passes(mode: str) -> str:
+    n = TTA_PASSES[mode]
+    return f"{n} pass" if n == 1 else f"{n} passes"
 
 
 def _resize_probs(p: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:

@@ -18,6 +18,10 @@ band straight from the file):
    the region is called by them (``lesions.region_call``); the
    tissue-weighted mean of the tile probabilities stays in
    ``region["tile_mean_probabilities"]``.
+
+Test-time augmentation for tiles is the predictor's ``region_tta``: one pass
+unless asked for (``--tta d4``), since eight passes per tile make a large
+region eight times slower.
 """
 
 from __future__ import annotations
@@ -444,6 +448,8 @@ def _summary(
         "lesions_passed": sum(1 for les in res.lesions or [] if les["passed"]),
         "lesion_threshold": predictor.lesion_threshold,
         "min_lesion_area_um2": predictor.min_lesion_area_um2,
+        # Test-time augmentation of the tiles (see Predictor.describe_tta).
+        "tta": predictor.region_tta,
     }
 
 

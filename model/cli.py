@@ -74,8 +74,9 @@ def add_tta_argument(p: argparse.ArgumentParser) -> None:
         choices=("none", "d4"),
         default=None,
         help="test-time augmentation: d4 averages over the 8 rotations/reflections of each "
-        "patch (8x the compute); default: the checkpoint's inference.tta, the mode its "
-        "temperature was fitted in",
+        "patch or tile (8x the compute); default: the checkpoint's inference.tta, the mode its "
+        "temperature was fitted in, for patches, and none for the tiles of regions and slides "
+        "(predict prints the mode it runs)",
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import CheckpointError
 
-__all__ = ["checkpoint_tta", "require_known_keys", "setting"]
+__all__ = ["checkpoint_tta", "require_known_keys", "setting", "temperature_tta"]
 
 
 def setting(
@@ -47,13 +47,26 @@ def checkpoint_tta(meta: dict[str, Any], requested: str | None = None) -> tuple[
     """
     from .tta import resolve_tta
 
-    calibration = meta.get("calibration") or {}
+    fitted = temperature_tta(meta)
     return resolve_tta(
         setting(meta, None, ("inference", "tta"), "none"),
         requested,
-        fitted=calibration.get("tta", "none"),
-        calibrated=meta.get("temperature") is not None,
+        fitted=fitted or "none",
+        calibrated=fitted is not None,
     )
+
+
+def temperature_tta(meta: dict[str, Any]) -> str | None:
+    """The test-time augmentation mode the checkpoint's temperature was fitted in (None: no temperature).
+
+    A checkpoint holds one temperature (``temperature``), fitted in one mode
+    (``calibration.tta``: the training config's ``inference.tta``); checkpoints
+    calibrated before test-time augmentation existed were fitted without it.
+    There is no temperature for the other mode.
+    """
+    if meta.get("temperature") is None:
+        return None
+    return (meta.get("calibration") or {}).get("tta", "none")
 
 
 def require_known_keys(section: dict[str, Any], schema: type, name: str, where: str = "") -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 #: ``none``: one pass. ``d4``: the eight rotations/reflections, outputs averaged.
 TTA_MODES = ("none", "d4")
+#: Forward passes of the network per patch or tile in each mode: what a mode costs.
+TTA_PASSES = {"none": 1, "d4": 8}
 
 Outputs = Sequence[Any]  # (class_logits, stain_logits, deposit_logits)
 
