@@ -4,6 +4,8 @@
 folders (searched recursively) and CSV manifests (:func:`collect_inputs`);
 ``calcinosis export --int8-calibration`` and ``calcinosis bench --images``
 take folders, manifests or ``.npy`` arrays of images (:func:`load_images`).
+:func:`decoded_chunks` decodes ``predict``'s inputs in its thread pool, one
+chunk ahead of the network.
 Manifests are read by :mod:`calcinosis.model.manifest`, the reader training
 uses too.
 """
@@ -12,19 +14,23 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from calcinosis.model.errors import DataError, ImageReadError
+from calcinosis.model.errors import CalcinosisError, DataError, ImageReadError
 from calcinosis.model.imageio import IMAGE_EXTENSIONS, load_image
 from calcinosis.model.manifest import parse_mpp, parse_split, read_rows
 
+from .result import error_reason
 from .slide import SLIDE_ONLY_EXTENSIONS
 
-__all__ = ["InputItem", "collect_inputs", "load_images"]
+__all__ = ["PIXEL_BUDGET", "InputItem", "collect_inputs", "decoded_chunks", "load_images"]
 
 
 @dataclass
@@ -204,3 +210,91 @@ def load_images(
             where = item if isinstance(item, Path) else "a .npy image"
             raise DataError(f"images: {where}: {exc}") from None
     return out
+
+
+# --------------------------------------------------------------------------- decoding ahead
+
+#: Pixels decoded ahead of the model at most (about 200 MB of RGB).
+PIXEL_BUDGET = 64_000_000
+
+
+def decoded_chunks(
+    items: list[InputItem],
+    pool: ThreadPoolExecutor,
+    batch_size: int,
+    max_pixels: int | None = None,
+    indices: Sequence[int] | None = None,
+    prepare: Callable[..., Any] | None = None,
+) -> Iterator[tuple[list[int], dict[int, Any]]]:
+    """Chunks of item indices with their decoded images, decoding one chunk ahead.
+
+    A chunk holds up to ``batch_size`` images and about ``PIXEL_BUDGET`` pixels
+    (a big region is a chunk of its own), so at most two chunks of pixels are
+    in memory while the model works on one of them. Images above ``max_pixels``
+    (None: ``imageio.DEFAULT_MAX_PIXELS``; 0: no limit) are never decoded.
+    ``indices`` restricts the work to those items (default: all). With
+    ``prepare`` (``Predictor.prepare``), each decoding thread also prepares its
+    image, and the values are prepared images instead of arrays; a value is
+    the exception instead when reading or preparing failed.
+    """
+    from calcinosis.model.imageio import image_size
+
+    def plan() -> Iterator[list[int]]:
+        chunk: list[int] = []
+        pixels = 0
+        for i in range(len(items)) if indices is None else indices:
+            it = items[i]
+            px = 0
+            if it.error is None:
+                try:
+                    w, h = image_size(it.path)
+                    px = w * h
+                except Exception:  # noqa: BLE001 - the read below reports it properly
+                    px = 0
+            if chunk and (len(chunk) >= batch_size or pixels + px > PIXEL_BUDGET):
+                yield chunk
+                chunk, pixels = [], 0
+            chunk.append(i)
+            pixels += px
+        if chunk:
+            yield chunk
+
+    def submit(chunk: list[int]) -> dict[int, Future]:
+        return {i: pool.submit(_read, items[i], max_pixels, prepare) for i in chunk}
+
+    chunks = plan()
+    current = next(chunks, None)
+    pending = submit(current) if current is not None else {}
+    while current is not None:
+        nxt = next(chunks, None)
+        nxt_pending = submit(nxt) if nxt is not None else {}
+        decoded = {i: _result_or_exc(f) for i, f in pending.items()}
+        yield current, decoded
+        current, pending = nxt, nxt_pending
+
+
+def _read(
+    item: InputItem, max_pixels: int | None = None, prepare: Callable[..., Any] | None = None
+) -> Any:
+    """Decode one input (in a pool thread), and prepare it when ``prepare`` is given."""
+    if item.error is not None:
+        raise CalcinosisError(item.error)
+    from calcinosis.model.imageio import read_rgb
+
+    rgb = read_rgb(item.path, max_pixels=max_pixels)
+    if prepare is None:
+        return rgb
+    try:
+        return prepare(rgb, item.mpp)
+    except (CalcinosisError, OSError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so, with its traceback
+        traceback.print_exc(file=sys.stderr)
+        raise CalcinosisError(f"internal error: {error_reason(exc)}") from exc
+
+
+def _result_or_exc(f: Future) -> Any:
+    try:
+        return f.result()
+    except Exception as exc:  # noqa: BLE001 - reported as the row's reason
+        return exc

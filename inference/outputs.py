@@ -23,7 +23,15 @@ from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS
 from .overlay import PNG_COMPRESSION
 from .result import PatchResult
 
-__all__ = ["csv_columns", "planned_files", "result_row", "write_csv", "write_outputs"]
+__all__ = [
+    "csv_columns",
+    "planned_files",
+    "result_row",
+    "write_csv",
+    "write_outputs",
+    "write_overlay_png",
+    "write_result_geojson",
+]
 
 
 def csv_columns(class_names: Sequence[str], deposit_labels: Sequence[str]) -> list[str]:
@@ -141,78 +149,13 @@ def write_outputs(
     annotation per lesion (``geojson.lesion_features``) when the result has lesions.
     ``class_names`` and ``deposit_labels`` name the lesion table's columns.
     """
-    import cv2
-
-    from .geojson import feature_collection, label_map_to_features, lesion_features, write_geojson
     from .lesions import lesion_columns, lesion_row
-    from .overlay import MAX_SIDE, render_overlay, write_overlay
 
     try:
-        lm = res.label_map
-        slide = res.slide
         if "overlay" in files and isinstance(rgb, np.ndarray):
-            title = Path(res.path or name).name
-            if slide:
-                title += f"  level {slide['level']}, region {','.join(map(str, slide['region']))}"
-            if res.mode == "region" and res.region:
-                title += f"  ({res.region['tissue_tiles']} tissue tiles)"
-            ov_lm = lm
-            if lm is not None and lm.shape != rgb.shape[:2]:
-                ov_lm = cv2.resize(
-                    lm, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST
-                )
-            img = render_overlay(
-                rgb,
-                ov_lm,
-                res.probabilities or None,
-                res.prediction,
-                res.stain,
-                title,
-                status=res.status,
-                stain_prob=res.stain_probability,
-                also_present=(res.region or {}).get("also_present") or (),
-                max_side=max_side or MAX_SIDE,
-            )
-            del ov_lm
-            write_overlay(out / files["overlay"], img, png_level)
-        if "geojson" in files and lm is not None:
-            mpp, offset, scale = res.mpp, (0.0, 0.0), 1.0
-            if slide:
-                # Label-map pixels (of the level read) -> the slide's level-0 pixels.
-                scale = float(slide["level_downsample"])
-                offset = (float(slide["origin"][0]), float(slide["origin"][1]))
-                mpp = res.mpp / scale if res.mpp else None
-            source = {"source": Path(res.path or name).name}
-            if res.lesions is not None and res.lesion_components is not None:
-                feats = lesion_features(
-                    lm,
-                    res.lesions,
-                    res.lesion_components,
-                    mpp,
-                    offset=offset,
-                    scale=scale,
-                    properties=source,
-                )
-            else:
-                feats = label_map_to_features(
-                    lm, mpp, offset=offset, scale=scale, properties=source
-                )
-            props = {
-                "image": res.path,
-                "prediction": res.prediction,
-                "status": res.status,
-                "probabilities": res.probabilities,
-                "stain": res.stain,
-                "mpp": mpp,
-            }
-            if res.region:
-                props["also_present"] = res.region.get("also_present") or []
-                props["tile_mean_probabilities"] = res.region.get("tile_mean_probabilities")
-            if slide:
-                props["slide"] = {
-                    k: slide[k] for k in ("reader", "level", "level_downsample", "region", "origin")
-                }
-            write_geojson(out / files["geojson"], feature_collection(feats, props))
+            write_overlay_png(out / files["overlay"], res, rgb, name, png_level, max_side)
+        if "geojson" in files and res.label_map is not None:
+            write_result_geojson(out / files["geojson"], res, name)
         if "tiles" in files and res.tiles is not None:
             keys: list[str] = []
             for t in res.tiles:
@@ -225,6 +168,82 @@ def write_outputs(
             write_csv(out / files["lesions"], cols, rows)
     finally:
         res.label_map = None  # free the map as soon as its files are written
+
+
+def write_overlay_png(
+    path: Path,
+    res: PatchResult,
+    rgb: np.ndarray,
+    name: str,
+    png_level: int = PNG_COMPRESSION,
+    max_side: int | None = None,
+) -> None:
+    """The overlay of one result on ``rgb``, which may be smaller than its label map."""
+    import cv2
+
+    from .overlay import MAX_SIDE, render_overlay, write_overlay
+
+    lm, slide = res.label_map, res.slide
+    title = Path(res.path or name).name
+    if slide:
+        title += f"  level {slide['level']}, region {','.join(map(str, slide['region']))}"
+    if res.mode == "region" and res.region:
+        title += f"  ({res.region['tissue_tiles']} tissue tiles)"
+    if lm is not None and lm.shape != rgb.shape[:2]:
+        lm = cv2.resize(lm, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
+    img = render_overlay(
+        rgb,
+        lm,
+        res.probabilities or None,
+        res.prediction,
+        res.stain,
+        title,
+        status=res.status,
+        stain_prob=res.stain_probability,
+        also_present=(res.region or {}).get("also_present") or (),
+        max_side=max_side or MAX_SIDE,
+    )
+    del lm
+    write_overlay(path, img, png_level)
+
+
+def write_result_geojson(path: Path, res: PatchResult, name: str) -> None:
+    """One QuPath annotation per lesion (or per deposit), in a slide's level-0 frame for slides."""
+    from .geojson import feature_collection, label_map_to_features, lesion_features, write_geojson
+
+    lm, slide = res.label_map, res.slide
+    assert lm is not None
+    mpp, offset, scale = res.mpp, (0.0, 0.0), 1.0
+    if slide:
+        # Label-map pixels (of the level read) -> the slide's level-0 pixels.
+        scale = float(slide["level_downsample"])
+        offset = (float(slide["origin"][0]), float(slide["origin"][1]))
+        mpp = res.mpp / scale if res.mpp else None
+    frame = {
+        "offset": offset,
+        "scale": scale,
+        "properties": {"source": Path(res.path or name).name},
+    }
+    if res.lesions is not None and res.lesion_components is not None:
+        feats = lesion_features(lm, res.lesions, res.lesion_components, mpp, **frame)
+    else:
+        feats = label_map_to_features(lm, mpp, **frame)
+    props = {
+        "image": res.path,
+        "prediction": res.prediction,
+        "status": res.status,
+        "probabilities": res.probabilities,
+        "stain": res.stain,
+        "mpp": mpp,
+    }
+    if res.region:
+        props["also_present"] = res.region.get("also_present") or []
+        props["tile_mean_probabilities"] = res.region.get("tile_mean_probabilities")
+    if slide:
+        props["slide"] = {
+            k: slide[k] for k in ("reader", "level", "level_downsample", "region", "origin")
+        }
+    write_geojson(path, feature_collection(feats, props))
 
 
 def _cell(v: Any) -> Any:

@@ -42,7 +42,7 @@ import time
 import traceback
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,7 +56,7 @@ from calcinosis.model.fileio import atomic_write_text
 from calcinosis.model.hardware import cpu_seconds
 
 from .engines import check_backend
-from .inputs import InputItem, collect_inputs
+from .inputs import InputItem, collect_inputs, decoded_chunks
 from .outputs import csv_columns, planned_files, result_row, write_csv, write_outputs
 from .overlay import PNG_COMPRESSION
 from .predictor import Predictor
@@ -73,8 +73,6 @@ __all__ = [
 
 #: Exit status when some inputs failed (the others were still processed).
 EXIT_SOME_FAILED = 3
-#: Pixels decoded ahead of the model at most (about 200 MB of RGB).
-PIXEL_BUDGET = 64_000_000
 #: Longest output base name.
 MAX_NAME = 80
 #: Longest side of a whole-slide region's overlay (the region is shrunk to fit).
@@ -184,23 +182,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> _Run:
     """Check the arguments, find the inputs and load the predictor (usage errors raise)."""
-    from .slide import is_slide_file, parse_region
+    from .slide import is_slide_file
 
     out = Path(args.out)
-    backend = check_backend(getattr(args, "backend", "torch"))
-    max_pixels = getattr(args, "max_pixels", None)
-    if max_pixels is not None and max_pixels < 0:
-        raise CalcinosisError(f"--max-pixels must be >= 0 (0 = no limit); got {max_pixels}")
-    # zlib level of the overlay PNGs (see overlay.PNG_COMPRESSION).
-    png_level = getattr(args, "png_compression", None)
-    png_level = PNG_COMPRESSION if png_level is None else int(png_level)
-    if not 0 <= png_level <= 9:
-        raise CalcinosisError(f"--png-compression must be 0-9; got {png_level}")
-    region_arg = getattr(args, "region", None)
-    region = parse_region(region_arg) if region_arg else None
-    level = getattr(args, "level", None)
-    if level is not None and level < 0:
-        raise CalcinosisError(f"--level must be >= 0 (0 = full resolution); got {level}")
+    backend, max_pixels, png_level, region, level = _options(args)
     items = collect_inputs(
         args.inputs,
         exclude=out,
@@ -260,6 +245,27 @@ def _plan(args: argparse.Namespace) -> _Run:
     )
 
 
+def _options(args: argparse.Namespace) -> tuple[str, int | None, int, Any, int | None]:
+    """(backend, --max-pixels, --png-compression, --region, --level), each checked."""
+    from .slide import parse_region
+
+    backend = check_backend(getattr(args, "backend", "torch"))
+    max_pixels = getattr(args, "max_pixels", None)
+    if max_pixels is not None and max_pixels < 0:
+        raise CalcinosisError(f"--max-pixels must be >= 0 (0 = no limit); got {max_pixels}")
+    # zlib level of the overlay PNGs (see overlay.PNG_COMPRESSION).
+    png_level = getattr(args, "png_compression", None)
+    png_level = PNG_COMPRESSION if png_level is None else int(png_level)
+    if not 0 <= png_level <= 9:
+        raise CalcinosisError(f"--png-compression must be 0-9; got {png_level}")
+    region_arg = getattr(args, "region", None)
+    region = parse_region(region_arg) if region_arg else None
+    level = getattr(args, "level", None)
+    if level is not None and level < 0:
+        raise CalcinosisError(f"--level must be >= 0 (0 = full resolution); got {level}")
+    return backend, max_pixels, png_level, region, level
+
+
 def _predict_all(run: _Run, workers: int, quiet: bool) -> None:
     """Every input through the predictor, its files written in the pool as it comes."""
     from tqdm import tqdm
@@ -272,7 +278,7 @@ def _predict_all(run: _Run, workers: int, quiet: bool) -> None:
         )
         # Decoding threads also run the tissue and focus checks (predictor.prepare),
         # so the main thread mostly waits on the network.
-        chunks = _decoded_chunks(
+        chunks = decoded_chunks(
             run.items,
             pool,
             predictor.batch_size,
@@ -389,94 +395,12 @@ def _focus_arg(value: float | None) -> float | None:
     return None if value <= 0 else float(value)
 
 
-def _decoded_chunks(
-    items: list[InputItem],
-    pool: ThreadPoolExecutor,
-    batch_size: int,
-    max_pixels: int | None = None,
-    indices: Sequence[int] | None = None,
-    prepare: Callable[..., Any] | None = None,
-) -> Iterator[tuple[list[int], dict[int, Any]]]:
-    """Chunks of item indices with their decoded images, decoding one chunk ahead.
-
-    A chunk holds up to ``batch_size`` images and about ``PIXEL_BUDGET`` pixels
-    (a big region is a chunk of its own), so at most two chunks of pixels are
-    in memory while the model works on one of them. Images above ``max_pixels``
-    (None: ``imageio.DEFAULT_MAX_PIXELS``; 0: no limit) are never decoded.
-    ``indices`` restricts the work to those items (default: all). With
-    ``prepare`` (``Predictor.prepare``), each decoding thread also prepares its
-    image, and the values are prepared images instead of arrays; a value is
-    the exception instead when reading or preparing failed.
-    """
-    from calcinosis.model.imageio import image_size
-
-    def plan() -> Iterator[list[int]]:
-        chunk: list[int] = []
-        pixels = 0
-        for i in range(len(items)) if indices is None else indices:
-            it = items[i]
-            px = 0
-            if it.error is None:
-                try:
-                    w, h = image_size(it.path)
-                    px = w * h
-                except Exception:  # noqa: BLE001 - the read below reports it properly
-                    px = 0
-            if chunk and (len(chunk) >= batch_size or pixels + px > PIXEL_BUDGET):
-                yield chunk
-                chunk, pixels = [], 0
-            chunk.append(i)
-            pixels += px
-        if chunk:
-            yield chunk
-
-    def submit(chunk: list[int]) -> dict[int, Future]:
-        return {i: pool.submit(_read, items[i], max_pixels, prepare) for i in chunk}
-
-    chunks = plan()
-    current = next(chunks, None)
-    pending = submit(current) if current is not None else {}
-    while current is not None:
-        nxt = next(chunks, None)
-        nxt_pending = submit(nxt) if nxt is not None else {}
-        decoded = {i: _result_or_exc(f) for i, f in pending.items()}
-        yield current, decoded
-        current, pending = nxt, nxt_pending
-
-
-def _read(
-    item: InputItem, max_pixels: int | None = None, prepare: Callable[..., Any] | None = None
-) -> Any:
-    """Decode one input (in a pool thread), and prepare it when ``prepare`` is given."""
-    if item.error is not None:
-        raise CalcinosisError(item.error)
-    from calcinosis.model.imageio import read_rgb
-
-    rgb = read_rgb(item.path, max_pixels=max_pixels)
-    if prepare is None:
-        return rgb
-    try:
-        return prepare(rgb, item.mpp)
-    except (CalcinosisError, OSError, ValueError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: say so, with its traceback
-        traceback.print_exc(file=sys.stderr)
-        raise CalcinosisError(f"internal error: {error_reason(exc)}") from exc
-
-
 def _pixels(value: Any) -> np.ndarray | None:
-    """The decoded image of a ``_decoded_chunks`` value (an array or a prepared image)."""
+    """The decoded image of a ``inputs.decoded_chunks`` value (an array or a prepared image)."""
     if isinstance(value, np.ndarray):
         return value
     rgb = getattr(value, "rgb", None)
     return rgb if isinstance(rgb, np.ndarray) else None
-
-
-def _result_or_exc(f: Future) -> Any:
-    try:
-        return f.result()
-    except Exception as exc:  # noqa: BLE001 - reported as the row's reason
-        return exc
 
 
 def _predict_chunk(

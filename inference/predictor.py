@@ -4,7 +4,7 @@
 pathologist reads: the checkpoint's preprocessing (``model/preprocess.py``:
 resampling to its microns per pixel, stain normalisation, reflect-pad or
 centre-crop to the input size, mean/std; the very function evaluation
-applies), the backend that runs the network (``engines.py``: PyTorch fp32 or
+applies; ``patch.py`` fits a patch with it), the backend that runs the network (``engines.py``: PyTorch fp32 or
 bf16, or ONNX Runtime), calibrated probabilities (``softmax(logits / T)``),
 the "indeterminate" rule, the tissue and focus checks, the deposits as
 lesions (``lesions.find_lesions``), and, for images much larger than the
@@ -44,7 +44,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError
@@ -57,11 +56,12 @@ from calcinosis.model.tta import TTA_PASSES
 
 from .engines import BACKENDS, Engine, Logits, infer, load_engine
 from .lesions import LESION_THRESHOLD, MIN_LESION_AREA_UM2, Lesions, find_lesions
+from .patch import patch_deposit_probs, patch_views, resize_probs
 from .region import predict_region
 from .region import predict_slide as predict_slide_region
 from .result import STATUSES, PatchResult, error_reason
 from .slide import is_slide_file
-from .tiling import ArraySource, tile_grid
+from .tiling import ArraySource
 from .tissue import focus_measure, tissue_mask
 
 __all__ = ["BACKENDS", "STATUSES", "PatchResult", "Predictor", "Prepared"]
@@ -431,51 +431,8 @@ class Predictor:
             prep.result = base
             return prep
         base.focus = focus_measure(work, mask)
-        self._add_views(prep, work)
+        prep.inputs, prep.views = patch_views(self.preprocessing, work, self.tile_overlap)
         return prep
-
-    def _add_views(self, prep: Prepared, work: np.ndarray) -> None:
-        """The patch's network inputs, fitted exactly as evaluation fits it.
-
-        The first view is the patch reflect-padded / centre-cropped to the input
-        size (``Preprocessing.apply``): its class and stain outputs are the
-        answer, the same as ``calcinosis evaluate`` measures. A patch longer
-        than the input on a side loses its margins to that crop, so windows of
-        the input size covering the whole patch (``tiling.tile_grid``) are added,
-        for the deposit map only: it then covers every pixel of the patch.
-        """
-        spec = self.preprocessing
-        stained = spec.normalize_stain(work)  # once, over the whole patch, as evaluation does
-        x, _, place = spec.apply(stained, stain=False)
-        prep.inputs, prep.views = [x], [(0, 0, place)]
-        if place.cropped:
-            s = self.input_size
-            for y0, x0 in tile_grid(stained.shape[:2], s, self.tile_overlap):
-                xw, _, pw = spec.apply(stained[y0 : y0 + s, x0 : x0 + s], stain=False)
-                prep.inputs.append(xw)
-                prep.views.append((y0, x0, pw))
-
-    def _deposit_probs(self, prep: Prepared, dep_logits: list[np.ndarray]) -> np.ndarray:
-        """``(h, w, D)`` deposit probabilities over the resampled patch, from its views.
-
-        One view: its map with the padding cut off. Several (a cropped patch):
-        the mean over the covering windows and the centre view wherever they overlap.
-        """
-        maps = [
-            place.to_patch(softmax(np.asarray(d, np.float32), axis=0).transpose(1, 2, 0))
-            for d, (_, _, place) in zip(dep_logits, prep.views, strict=True)
-        ]
-        if len(maps) == 1:
-            return maps[0]
-        assert prep.work is not None
-        hw, ww = prep.work.shape[:2]
-        acc = np.zeros((hw, ww, maps[0].shape[-1]), np.float32)
-        count = np.zeros((hw, ww, 1), np.float32)
-        for m, (y0, x0, place) in zip(maps, prep.views, strict=True):
-            ys, xs = y0 + place.src_y, x0 + place.src_x
-            acc[ys : ys + place.h, xs : xs + place.w] += m
-            count[ys : ys + place.h, xs : xs + place.w] += 1.0
-        return acc / count
 
     def _finish_patch(
         self, prep: Prepared, outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -487,10 +444,11 @@ class Predictor:
         self._fill_class(res, probs)
         res.set_stain(softmax(np.asarray(stain_logits, np.float32), axis=-1), self.stain_names)
         # Deposit probabilities back to the image's own grid, then argmax.
-        dep = self._deposit_probs(prep, [d for _, _, d in outputs])
+        assert prep.work is not None
         h0, w0 = res.height, res.width
+        dep = patch_deposit_probs(prep.views, [d for _, _, d in outputs], prep.work.shape[:2])
         if dep.shape[:2] != (h0, w0):
-            dep = _resize_probs(dep, (h0, w0))
+            dep = resize_probs(dep, (h0, w0))
         res.label_map = dep.argmax(axis=-1).astype(np.uint8)
         res.set_deposit_areas(res.label_map, self.deposit_labels)
         self._apply_focus(res)
@@ -546,15 +504,6 @@ def _setting(meta: dict[str, Any], key: str, given: float | None, default: float
 def _passes(mode: str) -> str:
     n = TTA_PASSES[mode]
     return f"{n} pass" if n == 1 else f"{n} passes"
-
-
-def _resize_probs(p: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an (h, w, D) probability map, one channel at a time."""
-    h, w = size_hw
-    chans = [
-        cv2.resize(p[..., k], (w, h), interpolation=cv2.INTER_LINEAR) for k in range(p.shape[-1])
-    ]
-    return np.stack(chans, axis=-1)
 
 
 def _name_of(image: Any) -> str | None:
