@@ -56,9 +56,9 @@ def calcium_tiles(win: np.ndarray):
     return probs(calcinosis_cutis=0.8, normal=0.1) if (win == CALCIUM).any() else None
 
 
-def find(lm: np.ndarray, rule=calcium_tiles, **kw):
-    boxes, ps = tiles_for(lm, rule)
-    found = find_lesions(
+def lesions_of(lm: np.ndarray, boxes: np.ndarray, ps: np.ndarray, **kw):
+    """``find_lesions`` on ``lm`` with the tiles' boxes and probabilities, at the test's mpp."""
+    return find_lesions(
         lm,
         mpp=MPP,
         class_names=CLASS_NAMES,
@@ -67,6 +67,11 @@ def find(lm: np.ndarray, rule=calcium_tiles, **kw):
         tile_probs=ps,
         **kw,
     )
+
+
+def find(lm: np.ndarray, rule=calcium_tiles, **kw):
+    boxes, ps = tiles_for(lm, rule)
+    found = lesions_of(lm, boxes, ps, **kw)
     mean = dict(zip(CLASS_NAMES, ps.mean(0), strict=True))
     call = region_call(found.lesions, mean, CLASS_NAMES, indeterminate_threshold=THRESHOLD)
     return found, call, mean
@@ -194,16 +199,7 @@ def test_out_of_focus_tiles_give_probabilities_but_no_pass_and_deposit_probabili
     disc(lm, 128, 128, 20, CALCIUM)
     boxes, ps = tiles_for(lm, calcium_tiles)
     dp = np.full(lm.shape, 200, np.uint8)
-    found = find_lesions(
-        lm,
-        mpp=MPP,
-        class_names=CLASS_NAMES,
-        deposit_labels=DEPOSIT_LABELS,
-        tile_boxes=boxes,
-        tile_probs=ps,
-        tile_in_focus=np.zeros(len(boxes), bool),
-        deposit_prob=dp,
-    )
+    found = lesions_of(lm, boxes, ps, tile_in_focus=np.zeros(len(boxes), bool), deposit_prob=dp)
     les = found.lesions[0]
     assert not les["in_focus"] and not les["passed"]
     assert les["prediction"] == "calcinosis_cutis"
@@ -237,14 +233,7 @@ def test_large_map_is_handled_in_bands():
     n_comp = cv2.connectedComponents(lm, connectivity=8)[0] - 1
     boxes = np.array([(y, x, 512) for y, x in tile_grid(lm.shape, 512, 0)])
     ps = np.tile(probs(calcinosis_cutis=0.7, normal=0.2), (len(boxes), 1))
-    found = find_lesions(
-        lm,
-        mpp=MPP,
-        class_names=CLASS_NAMES,
-        deposit_labels=DEPOSIT_LABELS,
-        tile_boxes=boxes,
-        tile_probs=ps,
-    )
+    found = lesions_of(lm, boxes, ps)
     assert 0 < len(found.lesions) <= n_comp
     assert all(les["area_px"] >= 400 for les in found.lesions)
     ev = [les["evidence"] for les in found.lesions]
