@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` and `make test`. Both create the
+# The README's two commands: `make demo` and `make test`; `make test-fast` leaves out
+# the tests marked slow (over ~5 s), for the edit-test loop. Each creates the
 # virtual environment on first use, so a fresh clone needs nothing else.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -6,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= runs/demo
 
-.PHONY: venv test demo cross-style lint clean
+.PHONY: venv test test-fast demo cross-style lint clean
 
 venv: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
