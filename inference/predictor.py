@@ -49,7 +49,7 @@ import numpy as np
 from calcinosis.model.errors import CalcinosisError
 from calcinosis.model.imageio import load_image
 from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS, INDETERMINATE, STAIN_NAMES
-from calcinosis.model.metadata import checkpoint_tta, setting, temperature_tta
+from calcinosis.model.metadata import checkpoint_tta, setting, temperature_for, temperature_tta
 from calcinosis.model.preprocess import Placement, Preprocessing, resample_to_mpp
 from calcinosis.model.probability import softmax
 from calcinosis.model.tta import TTA_PASSES
@@ -172,8 +172,20 @@ class Predictor:
         #: applies to both; its warning is the one above). A default run's mismatch with the
         #: temperature's mode is in :meth:`describe_tta`, which ``calcinosis predict`` prints.
         self.region_tta, _ = checkpoint_tta(self.metadata, requested or "none")
-        #: The mode the temperature was fitted in (None: the checkpoint has no temperature).
+        #: The mode the main temperature was fitted in (None: the checkpoint has no temperature).
         self.temperature_tta = temperature_tta(self.metadata)
+        #: The temperature each mode run here uses: its own where calibration fitted one
+        #: (``calibration.temperatures``), else the main one.
+        self.temperatures = {
+            mode: temperature_for(self.metadata, mode) or self.temperature
+            for mode in (self.tta, self.region_tta)
+        }
+        #: Modes run here without a temperature of their own (describe_tta says so).
+        self.uncalibrated_modes = [
+            m
+            for m in (self.tta, self.region_tta)
+            if self.temperature_tta and temperature_for(self.metadata, m) is None
+        ]
 
     # ------------------------------------------------------------------ construction
 
@@ -300,7 +312,7 @@ class Predictor:
             )
         fitted = self.temperature_tta
         kinds = (("patches", p), ("tiled regions and slides", r))
-        off = [(what, mode) for what, mode in kinds if fitted and mode != fitted]
+        off = [(what, mode) for what, mode in kinds if mode in self.uncalibrated_modes]
         if off:
             what, mode = ("all inputs", p) if p == r else off[0]
             text += (
@@ -319,9 +331,13 @@ class Predictor:
         """
         return infer(self.engine, nhwc, self.tta if tta is None else tta)
 
-    def calibrated(self, class_logits: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities: softmax of logits divided by the temperature."""
-        return softmax(np.asarray(class_logits, np.float32) / self.temperature, axis=-1)
+    def calibrated(self, class_logits: np.ndarray, tta: str | None = None) -> np.ndarray:
+        """Calibrated class probabilities: softmax of logits divided by mode ``tta``'s temperature.
+
+        ``tta`` is the mode the logits were computed in (default: the patches' :attr:`tta`).
+        """
+        t = self.temperatures.get(self.tta if tta is None else tta, self.temperature)
+        return softmax(np.asarray(class_logits, np.float32) / t, axis=-1)
 
     def resolution(self, mpp: float | None) -> tuple[float | None, float, bool]:
         """(the image's mpp, the scale factor to the model's mpp, whether the mpp was assumed)."""

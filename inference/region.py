@@ -296,7 +296,7 @@ class TileRun:
         p = self.predictor
         batch = np.stack([p.preprocessing.apply(t[3])[0] for t in self._todo])
         cls_l, stain_l, dep_l = p.infer(batch, p.region_tta)
-        probs = p.calibrated(cls_l)
+        probs = p.calibrated(cls_l, p.region_tta)
         stain_p = softmax(np.asarray(stain_l, np.float32), axis=-1)
         dep = softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)
         for j, (row, y, x, _) in enumerate(self._todo):

@@ -14,7 +14,13 @@ from typing import Any
 
 from .errors import CheckpointError
 
-__all__ = ["checkpoint_tta", "require_known_keys", "setting", "temperature_tta"]
+__all__ = [
+    "checkpoint_tta",
+    "require_known_keys",
+    "setting",
+    "temperature_for",
+    "temperature_tta",
+]
 
 
 def setting(
@@ -41,32 +47,48 @@ def checkpoint_tta(meta: dict[str, Any], requested: str | None = None) -> tuple[
 
     The mode is ``requested`` when given, else the checkpoint's default
     (``inference.tta`` of its config); the warning comes from
-    :func:`calcinosis.model.tta.resolve_tta`, comparing it with the mode the
-    temperature was fitted in (``calibration.tta``; checkpoints calibrated
-    before test-time augmentation existed were fitted without it).
+    :func:`calcinosis.model.tta.resolve_tta` when the checkpoint has a
+    temperature but none fitted in that mode (see :func:`temperature_for`).
     """
     from .tta import resolve_tta
 
     fitted = temperature_tta(meta)
-    return resolve_tta(
+    mode, warning = resolve_tta(
         setting(meta, None, ("inference", "tta"), "none"),
         requested,
         fitted=fitted or "none",
         calibrated=fitted is not None,
     )
+    return mode, (None if temperature_for(meta, mode) is not None else warning)
 
 
 def temperature_tta(meta: dict[str, Any]) -> str | None:
-    """The test-time augmentation mode the checkpoint's temperature was fitted in (None: no temperature).
+    """The test-time augmentation mode of the checkpoint's main temperature (None: no temperature).
 
-    A checkpoint holds one temperature (``temperature``), fitted in one mode
-    (``calibration.tta``: the training config's ``inference.tta``); checkpoints
-    calibrated before test-time augmentation existed were fitted without it.
-    There is no temperature for the other mode.
+    ``temperature`` is fitted in the training config's ``inference.tta``
+    (``calibration.tta``); checkpoints calibrated before test-time
+    augmentation existed were fitted without it. Checkpoints since per-mode
+    calibration also hold ``calibration.temperatures`` (one per mode).
     """
     if meta.get("temperature") is None:
         return None
     return (meta.get("calibration") or {}).get("tta", "none")
+
+
+def temperature_for(meta: dict[str, Any], mode: str) -> float | None:
+    """The temperature fitted in test-time augmentation ``mode``, or None when there is none.
+
+    From ``calibration.temperatures[mode]`` (written by calibration since it
+    fits every mode), else ``temperature`` when that was fitted in ``mode``.
+    Averaged (d4) logits are less extreme than one pass's, so a temperature
+    fitted in one mode mis-calibrates the other.
+    """
+    per_mode = (meta.get("calibration") or {}).get("temperatures") or {}
+    if per_mode.get(mode) is not None:
+        return float(per_mode[mode])
+    if temperature_tta(meta) == mode:
+        return float(meta["temperature"])
+    return None
 
 
 def require_known_keys(section: dict[str, Any], schema: type, name: str, where: str = "") -> None:

@@ -33,7 +33,7 @@ import torch
 from calcinosis.model import DataError, Preprocessing, load_checkpoint
 from calcinosis.model.baseline import colour_baseline as _colour_baseline
 from calcinosis.model.manifest import Sample, read_manifest
-from calcinosis.model.metadata import checkpoint_tta
+from calcinosis.model.metadata import checkpoint_tta, temperature_for
 
 from . import report
 from .engine import collect_outputs
@@ -80,6 +80,8 @@ def evaluate_checkpoint(
     tta, tta_warning = checkpoint_tta(meta, tta)
     if tta_warning:
         log.warning(tta_warning)
+    # the temperature fitted in this mode where calibration fitted one, as predict uses
+    temperature = temperature_for(meta, tta) or float(meta.get("temperature") or 1.0)
 
     rows = read_manifest(manifest, class_names, stain_names)
     samples = _rows_of_split(rows, split, manifest)
@@ -97,7 +99,7 @@ def evaluate_checkpoint(
 
     extra: dict[str, Any] = {
         "Checkpoint and data": _provenance(
-            checkpoint, meta, prep, manifest, split, baseline_note, tta
+            checkpoint, meta, prep, manifest, split, baseline_note, tta, temperature
         )
     }
     if dataset.bad_files:
@@ -105,7 +107,7 @@ def evaluate_checkpoint(
     report_args = dict(
         labels=outputs["labels"],
         logits=outputs["class_logits"],
-        temperature=float(meta.get("temperature", 1.0)),
+        temperature=temperature,
         stains=outputs["stains"],
         stain_logits=outputs["stain_logits"],
         pixel_conf=outputs["pixel_conf"],
@@ -172,6 +174,7 @@ def _provenance(
     split: str,
     baseline: str,
     tta: str,
+    temperature: float,
 ) -> str:
     cal = meta.get("calibration") or {}
     lines = [
@@ -179,7 +182,7 @@ def _provenance(
         f"`{(meta.get('model') or {}).get('backbone')}`, package {meta.get('package_version')})",
         f"- preprocessing: {prep.input_size} px at {prep.mpp} um/px, "
         f"mean {list(prep.mean)}, std {list(prep.std)}",
-        f"- temperature: {float(meta.get('temperature', 1.0)):.3f}"
+        f"- temperature: {temperature:.3f}"
         + (f" (fitted on {cal['samples']} validation patches)" if "samples" in cal else ""),
         "- test-time augmentation: "
         + ("d4 (outputs averaged over the 8 rotations/reflections)" if tta == "d4" else "none"),
