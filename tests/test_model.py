@@ -1,11 +1,9 @@
-"""Tests for calcinosis.model: network, factory, init weights, checkpoints, export."""
+"""Tests for calcinosis.model: network, factory, init weights, checkpoints."""
 
 from __future__ import annotations
 
 import copy
 import json
-import warnings
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -341,46 +339,3 @@ def test_init_weights_from_other_architecture_is_refused(tmp_path, other, expect
 def test_init_weights_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="absent.pth"):
         create_model(ModelConfig(init_weights=str(tmp_path / "absent.pth")))
-
-
-# ---------------------------------------------------------------- export
-
-
-def _onnx_round_trip(model, path: Path, dynamo: bool) -> None:
-    import onnxruntime as ort
-
-    example = torch.randn(1, 3, SIZE, SIZE)
-    names = ["class_logits", "stain_logits", "deposit_logits"]
-    if dynamo:
-        extra = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=64)},)}
-    else:
-        extra = {"dynamic_axes": {"image": {0: "batch"}, **{n: {0: "batch"} for n in names}}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["image"],
-            output_names=names,
-            opset_version=18,
-            dynamo=dynamo,
-            **extra,
-        )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
-    got = session.run(names, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        ref = model(x)
-    for name, value in zip(names, got, strict=True):
-        assert value.shape == tuple(ref[name].shape)
-        torch.testing.assert_close(torch.from_numpy(value), ref[name], atol=1e-3, rtol=1e-3)
-
-
-def test_onnx_export_legacy_matches_torch(built_models, tmp_path):
-    _onnx_round_trip(built_models["resnet18"], tmp_path / "model.onnx", dynamo=False)
-
-
-@pytest.mark.slow
-def test_onnx_export_dynamo_matches_torch(built_models, tmp_path):
-    _onnx_round_trip(built_models["resnet18"], tmp_path / "model.onnx", dynamo=True)
