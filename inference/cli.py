@@ -19,7 +19,7 @@ COMMANDS: dict[str, str] = {
     "train": "calcinosis.training.train:run_train",
     "evaluate": "calcinosis.training.evaluate:run_evaluate",
     "predict": "calcinosis.inference.predict:run_predict",
-    "export": "calcinosis.inference.export:run_export",
+    "export": "calcinosis.inference.wsinfer:run_export",  # --onnx -> export.run_export
     "bench": "calcinosis.inference.bench:run_bench",
     "robustness": "calcinosis.inference.robustness:run_robustness",
 }
@@ -299,7 +299,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a checkpoint to ONNX",
+        help="export a checkpoint to ONNX (--onnx) and/or a WSInfer model (--wsinfer)",
         description=(
             "Export a checkpoint to a self-describing ONNX file (dynamic batch axis; the "
             "checkpoint metadata is stored in the model's metadata_props) and check that "
@@ -307,7 +307,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
-    p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument("--onnx", default=None, help="output .onnx path")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument(
         "--int8",
@@ -315,6 +315,22 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         help="also write <name>.int8.onnx, statically quantised on synthetic calibration patches",
     )
     p.add_argument("--no-check", action="store_true", help="skip the PyTorch/ONNX parity check")
+    # WSInfer (inference/wsinfer.py): for `wsinfer run` and QuPath's WSInfer extension.
+    p.add_argument(
+        "--wsinfer",
+        metavar="DIR",
+        default=None,
+        help="also (or instead of --onnx) write DIR/torchscript_model.pt (calibrated class "
+        "logits) and DIR/config.json for WSInfer; for QuPath, put DIR in the extension's "
+        "models folder under local/",
+    )
+    p.add_argument(
+        "--wsinfer-tta",
+        choices=["none", "d4"],
+        default=None,
+        help="test-time augmentation inside the WSInfer model (default: the checkpoint's "
+        "inference.tta, as predict)",
+    )
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
