@@ -141,7 +141,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
-    p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument("--onnx", default=None, help="output .onnx path")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument(
         "--int8",
@@ -157,6 +157,22 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
         "training images",
     )
     p.add_argument("--no-check", action="store_true", help="skip the PyTorch/ONNX parity check")
+    # WSInfer (inference/wsinfer.py): for `wsinfer run` and QuPath's WSInfer extension.
+    p.add_argument(
+        "--wsinfer",
+        metavar="DIR",
+        default=None,
+        help="also (or instead of --onnx) write DIR/torchscript_model.pt (calibrated class "
+        "logits) and DIR/config.json for WSInfer; for QuPath, put DIR in the extension's "
+        "models folder under local/",
+    )
+    p.add_argument(
+        "--wsinfer-tta",
+        choices=["none", "d4"],
+        default=None,
+        help="test-time augmentation inside the WSInfer model (default: the checkpoint's "
+        "inference.tta, as predict runs patches)",
+    )
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -243,8 +259,9 @@ export = Command(
     "export",
     50,
     _export_arguments,
-    "calcinosis.inference.export:run_export",
-    help="export a checkpoint to ONNX",
+    # --onnx goes on to export.run_export, --wsinfer to wsinfer.export_wsinfer.
+    "calcinosis.inference.wsinfer:run_export",
+    help="export a checkpoint to ONNX (--onnx) and/or a WSInfer model (--wsinfer)",
     description=(
         "Export a checkpoint to a self-describing ONNX file (dynamic batch axis; the "
         "checkpoint metadata is stored in the model's metadata_props) and check that "

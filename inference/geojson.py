@@ -5,7 +5,11 @@ QuPath (v0.4 and later) reads a ``FeatureCollection`` whose features carry, in
 ``name`` and an RGB ``color`` array, and ``measurements`` as a flat mapping of
 name to number (QuPath's own exporter writes exactly these keys). Coordinates
 are pixels of the full-resolution image with the origin at the top-left corner;
-a pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``.
+a pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``. Area measurements carry
+QuPath's own names (``Area px^2``, ``Area µm^2``, as its measurement table
+calls an annotation's area). Files are plain ASCII (``µ`` written as
+``\\u00b5``): QuPath v0.4 reads GeoJSON with the platform's default charset,
+which on Windows (Java 17) is not UTF-8.
 
 How outlines are traced, and why they are valid without repair
 --------------------------------------------------------------
@@ -28,7 +32,7 @@ Lesions
 ``lesions.find_lesions``: a connected deposit of any labels, classified by
 its majority label), so the GeoJSON, ``predictions.json`` and the lesion
 table list the same objects under the same ``id``. Their ``measurements``
-follow QuPath's naming: ``Area px``, ``Area µm^2``, ``Confidence`` (calibrated
+follow QuPath's naming: ``Area px^2``, ``Area µm^2``, ``Confidence`` (calibrated
 ``1 - p(normal)`` of the lesion's tiles), ``Deposit probability`` (the
 decoder's mean), ``Prob <class>`` for every class and ``Fraction <label>`` for
 every deposit label, plus the older ``area_px`` / ``area_um2`` keys. The
@@ -108,9 +112,12 @@ def label_map_to_features(
             if geom is None:
                 continue
             area_px = count * px_area
-            measurements: dict[str, float] = {"area_px": float(area_px)}
+            measurements: dict[str, float] = {"Area px^2": float(area_px)}
             if mpp is not None and mpp > 0:
-                measurements["area_um2"] = float(area_px * mpp * mpp)
+                measurements["Area µm^2"] = float(area_px * mpp * mpp)
+            measurements["area_px"] = measurements["Area px^2"]
+            if "Area µm^2" in measurements:
+                measurements["area_um2"] = measurements["Area µm^2"]
             props: dict[str, Any] = {
                 "objectType": "annotation",
                 "name": labels[lab],
@@ -169,7 +176,7 @@ def lesion_features(
         lab = int(les.get("label_value", 0))
         display = labels.get(lab, str(les.get("label", lab)))
         area_px = count * px_area
-        meas: dict[str, float] = {"Area px": float(area_px)}
+        meas: dict[str, float] = {"Area px^2": float(area_px)}
         if mpp is not None and mpp > 0:
             meas["Area µm^2"] = float(area_px * mpp * mpp)
         if les.get("confidence") is not None:
@@ -180,7 +187,7 @@ def lesion_features(
             meas[f"Prob {c}"] = float(p)
         for name, f in (les.get("label_fractions") or {}).items():
             meas[f"Fraction {name}"] = float(f)
-        meas["area_px"] = meas["Area px"]
+        meas["area_px"] = meas["Area px^2"]
         if "Area µm^2" in meas:
             meas["area_um2"] = meas["Area µm^2"]
         props: dict[str, Any] = {
@@ -215,11 +222,15 @@ def feature_collection(
 
 
 def write_geojson(path: str | Path, collection: Mapping[str, Any]) -> Path:
-    """Write a FeatureCollection as compact UTF-8 JSON (atomic replace)."""
+    """Write a FeatureCollection as compact ASCII JSON (atomic replace).
+
+    Non-ASCII characters are escaped (``\\u00b5``), so every reader decodes the
+    same names whatever charset it assumes (see the module docstring).
+    """
     path = Path(path)
     # json.dumps runs the C encoder; json.dump to a file would encode in Python.
-    text = json.dumps(collection, ensure_ascii=False, separators=(",", ":"))
-    return atomic_write_bytes(path, text.encode("utf-8"), fsync=False)
+    text = json.dumps(collection, ensure_ascii=True, separators=(",", ":"))
+    return atomic_write_bytes(path, text.encode("ascii"), fsync=False)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -24,7 +24,15 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from .errors import CalcinosisError
 
-__all__ = ["ENTRY_POINT_GROUP", "Command", "add_tta_argument", "build_parser", "commands", "main"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Command",
+    "add_tta_argument",
+    "build_parser",
+    "commands",
+    "main",
+    "package_version",
+]
 
 #: The entry-point group the commands are registered under.
 ENTRY_POINT_GROUP = "calcinosis.commands"
@@ -83,7 +91,7 @@ def add_tta_argument(p: argparse.ArgumentParser) -> None:
 def build_parser(available: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     """The full parser: the top level and one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="calcinosis", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"calcinosis {_version()}")
+    parser.add_argument("--version", action="version", version=f"calcinosis {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in commands() if available is None else available:
         cmd.add_arguments(
@@ -116,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed calcinosis version (``calcinosis --version``; exports and the page record it)."""
     try:
         return version("calcinosis")
     except PackageNotFoundError:  # running from a source tree without installing

@@ -68,7 +68,7 @@ def test_offset_scale_and_no_mpp():
     (f,) = label_map_to_features(lm, mpp=None, offset=(1000, 2000), scale=2.0, min_area_px=1)
     g = shape(f["geometry"])
     assert g.bounds == (1008.5, 2004.5, 1015.5, 2011.5)
-    assert f["properties"]["measurements"] == {"area_px": 64.0}
+    assert f["properties"]["measurements"] == {"Area px^2": 64.0, "area_px": 64.0}
 
 
 def test_thin_strands_and_noise_give_valid_polygons_quickly():

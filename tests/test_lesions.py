@@ -376,7 +376,7 @@ def test_geojson_lesion_features_in_a_slide_frame():
         props = f["properties"]
         m = props["measurements"]
         assert props["objectType"] == "annotation"
-        assert m["Area px"] == les["area_px"] * 4
+        assert m["Area px^2"] == les["area_px"] * 4
         assert m["Area µm^2"] == pytest.approx(les["area_um2"])  # 0.5 µm per map pixel
         assert m["Prob calcinosis_cutis"] == les["probabilities"]["calcinosis_cutis"]
         ring = np.asarray(f["geometry"]["coordinates"][0])
