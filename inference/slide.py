@@ -43,7 +43,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +53,7 @@ import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, ImageReadError
 
-from .tiling import PAD_VALUE
+from .tiling import PAD_VALUE, PixelSource
 
 if TYPE_CHECKING:
     from .predictor import PatchResult, Predictor
@@ -585,6 +585,7 @@ def predict_slide(
     region: tuple[int, int, int, int] | None = None,
     mpp: float | None = None,
     overlay_side: int | None = None,
+    wrap_source: Callable[[PixelSource], PixelSource] | None = None,
 ) -> tuple[PatchResult, np.ndarray | None]:
     """Predict one region of a slide (default: all of it) without reading it whole.
 
@@ -598,6 +599,8 @@ def predict_slide(
     ``area_px`` are converted to level-0 pixels of the same frame (``area_um2``
     needs no conversion). With ``overlay_side``, also returns the region
     shrunk to fit that many pixels (the overlay's background), else None.
+    ``wrap_source`` wraps the region's pixel source for the network's reads
+    (``calcinosis serve`` reports progress and cancels through it).
     """
     with open_slide(path) as slide:
         if mpp is not None:
@@ -622,7 +625,8 @@ def predict_slide(
         ds = slide.level_downsamples[lvl]
         source = SlideRegionSource(slide, lvl, lx, ly, lw, lh)
         level_mpp = None if mpp0 is None else mpp0 * ds
-        res = predictor.predict_source(source, mpp=level_mpp, name=str(path))
+        read_from = source if wrap_source is None else wrap_source(source)
+        res = predictor.predict_source(read_from, mpp=level_mpp, name=str(path))
         thumb = None
         if overlay_side and res.status != "error":
             scale = min(1.0, overlay_side / max(lw, lh))
