@@ -5,13 +5,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= runs/demo
+SERVE  := inference/serve
+NPM_STAMP := $(SERVE)/node_modules/.installed-stamp
 
 .PHONY: venv test demo cross-style lint clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(NPM_STAMP)
 
 # torch and torchvision are pinned to the builds that lie on this project's
 # machines (other versions download gigabytes); the rest comes from pyproject.
+# The page's front-end libraries (OpenSeadragon) come from npm, pinned by the
+# committed lock file, into inference/serve/node_modules (not in git).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -19,7 +23,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+$(NPM_STAMP): $(SERVE)/package.json $(SERVE)/package-lock.json
+	npm ci --prefix $(SERVE) --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
+
+test: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

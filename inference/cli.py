@@ -367,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_bench_parser(sub)
     _add_robustness_parser(sub)
+    # calcinosis serve: the local web page (its parser and runner live in inference/serve).
+    from calcinosis.inference.serve import add_serve_parser
+
+    add_serve_parser(sub)
+    COMMANDS.setdefault("serve", "calcinosis.inference.serve:run_serve")
     return parser
 
 
