@@ -154,6 +154,20 @@ def decode_rgba(r) -> np.ndarray:
     return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA)
 
 
+def test_blank_and_blurred_images_say_why_there_is_no_call(serve_client, robust_predictor):
+    white = png_bytes(np.full((64, 64, 3), 250, np.uint8))
+    rec = predict_done(serve_client, white, "glass.png")["result"]["record"]
+    assert rec["status"] == "no_tissue" and "blank glass" in rec["reason"]
+    assert rec["prediction"] is None and rec["probabilities"] == {}
+    sharp = read_rgb(PATCH)
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 3)
+    want = robust_predictor.predict(blurred)
+    assert want.status == "out_of_focus"
+    rec = predict_done(serve_client, png_bytes(blurred), "blurred.png")["result"]["record"]
+    assert rec["status"] == "out_of_focus" and rec["reason"] == want.reason
+    assert "refocus" in rec["reason"]
+
+
 def test_bad_job_requests(serve_client):
     assert serve_client.get("/api/jobs/nope").status_code == 404
     done = predict_done(serve_client, PATCH.read_bytes())

@@ -280,10 +280,33 @@ def test_model_card_fields(robust_predictor, robust_checkpoint):
     assert card["notice"] == "For research use; not a diagnosis."
     assert card["input_size"] == 64 and card["mpp"] == 0.5 and card["tta"] == "none"
     assert card["classes"] == robust_predictor.class_names
-    assert card["backbone"] == "resnet10t"
+    assert card["backbone"] == "resnet10t" and card["tta_warning"] is None
 
 
 # --------------------------------------------------------------------------- command line
+
+
+def test_model_card_warns_when_tta_differs_from_the_calibration(tmp_path):
+    """A temperature fitted with d4 but served without it: the card says so."""
+    import torch
+
+    from calcinosis.inference.predictor import Predictor
+    from calcinosis.model import ModelConfig, create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="resnet10t", decoder_channels=16))
+    meta = {
+        "input_size": 64,
+        "mpp": 0.5,
+        "temperature": 1.3,
+        "calibration": {"tta": "d4"},
+        "config": {"inference": {"tta": "d4"}},
+    }
+    path = save_checkpoint(tmp_path / "d4.safetensors", model, meta)
+    fitted = model_card(Predictor.from_checkpoint(path), path)
+    assert fitted["tta"] == "d4" and fitted["tta_warning"] is None
+    off = model_card(Predictor.from_checkpoint(path, tta="none"), path)
+    assert off["tta"] == "none" and "fitted with 'd4'" in off["tta_warning"]
 
 
 def test_serve_is_a_subcommand_with_safe_defaults(capsys):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from calcinosis.inference.predictor import Predictor, file_digest
+from calcinosis.model.tta import resolve_tta
 
 RESEARCH_ONLY = "For research use; not a diagnosis."
 
@@ -102,6 +103,8 @@ def model_card(predictor: Predictor, checkpoint: Path, digest: bool = True) -> d
         "input_size": predictor.input_size,
         "temperature": predictor.temperature,
         "tta": predictor.tta,
+        # Set when the server runs another TTA mode than the temperature was fitted in.
+        "tta_warning": resolve_tta(meta, predictor.tta)[1],
         "calibration": {k: calib.get(k) for k in ("tta", "samples", "ece_before", "ece_after")}
         if calib
         else None,

@@ -139,7 +139,7 @@ function renderCard(model) {
     dl.append(el("dt", { text: k }), el("dd", {}, v));
   };
   row("Checkpoint", `${c.checkpoint}${c.checkpoint_sha256 ? ` (sha256 ${c.checkpoint_sha256}…)` : ""}`);
-  row("Version", `trained with calcinosis ${c.package_version || "?"}; this server ${c.server_version}`);
+  row("Version", `${c.package_version ? "trained with calcinosis " + c.package_version : "training version not recorded"}; this server ${c.server_version}`);
   row("Network", c.backbone ? `${c.backbone}, backend ${c.backend}` : c.backend);
   row("Classes", c.classes.map(pretty).join(", "));
   row("Stains", c.stains.map((s) => STAIN_NAMES[s] || s).join(", "));
@@ -154,7 +154,7 @@ function renderCard(model) {
     cal += ` (fitted with TTA ${c.calibration.tta}; ECE ${Number(c.calibration.ece_before).toFixed(3)} → ${Number(c.calibration.ece_after).toFixed(3)} on ${c.calibration.samples} validation patches)`;
   }
   row("Calibration", cal);
-  row("Test-time augmentation", c.tta);
+  row("Test-time augmentation", c.tta_warning ? el("span", { class: "warn-text", text: `${c.tta}: ${c.tta_warning}` }) : c.tta);
   row("Indeterminate", `below ${pct(c.indeterminate_threshold, 0)} calibrated top probability`);
   row("Lesions", `counted from ${pct(c.lesion_threshold, 0)} confidence and ${c.min_lesion_area_um2} µm²`);
   if (c.validation && c.validation.val_macro_f1 !== undefined && c.validation.val_macro_f1 !== null) {
