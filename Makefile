@@ -8,7 +8,7 @@ DEMO   ?= runs/demo
 SERVE  := inference/serve
 NPM_STAMP := $(SERVE)/node_modules/.installed-stamp
 
-.PHONY: venv test demo cross-style lint clean
+.PHONY: venv test demo cross-style lint clean screenshots
 
 venv: $(STAMP) $(NPM_STAMP)
 
@@ -103,6 +103,12 @@ cross-style: $(STAMP)
 		--report "trained on A, tested on B=$(CROSS)/a_on_b" \
 		--report "trained on B, tested on B=$(CROSS)/b_on_b" \
 		--report "trained on B, tested on A=$(CROSS)/b_on_a"
+
+# The README's screenshots of the page (docs/serve_*.png), taken by the browser
+# tests with the demo model (make demo first, or CKPT=path/to/best.safetensors).
+screenshots: $(STAMP) $(NPM_STAMP)
+	CALCINOSIS_SERVE_CHECKPOINT=$(CKPT) CALCINOSIS_SCREENSHOT_DIR=docs \
+		$(BIN)/python -m pytest -q tests/test_serve_browser.py
 
 clean:
 	rm -rf $(DEMO)
