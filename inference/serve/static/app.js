@@ -540,8 +540,12 @@ function addSlideResult(job) {
   place();
   const card = el("article", { class: "result slide-result status-" + rec.status, "data-job": job.id });
   const [x, y, w, h] = job.region;
+  // The outline of the region that was predicted, so what was not looked at is plain to see.
+  const outline = el("div", { class: "region-rect", "data-job": job.id }, el("span", { text: `${rec.prediction ? pretty(rec.prediction) : STATUS_TEXT[rec.status]}` }));
+  viewer.addOverlay(outline, state.base.imageToViewportRectangle(x, y, w, h));
   const show = el("input", { type: "checkbox", checked: true, onchange: () => {
     entry.visible = show.checked;
+    outline.hidden = !show.checked;
     if (!show.checked && entry.item) { viewer.world.removeItem(entry.item); entry.item = null; }
     if (show.checked) place();
   } });
