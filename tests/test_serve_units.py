@@ -212,6 +212,8 @@ def test_queue_runs_in_order_one_at_a_time_and_reports_errors():
     assert jobs[1].error == "this image broke"
     assert jobs[3].error.startswith("internal error: KeyError")
     assert jobs[2].result == {"name": "b"} and jobs[2].progress == 1.0
+    # A finished job lets go of its work (and so of the decoded upload it closed over).
+    assert all(j.work is not work for j in jobs)
     q.close()
 
 

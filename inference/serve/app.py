@@ -521,13 +521,16 @@ def _predict_slide(
     from calcinosis.inference.slide import predict_slide
 
     t0 = time.perf_counter()
-    res, thumb = predict_slide(
-        predictor,
-        path,
-        region=region,
-        overlay_side=SLIDE_OVERLAY_SIDE,
-        wrap_source=lambda s: ProgressSource(s, job.report, job.cancel),
-    )
+    try:
+        res, thumb = predict_slide(
+            predictor,
+            path,
+            region=region,
+            overlay_side=SLIDE_OVERLAY_SIDE,
+            wrap_source=lambda s: ProgressSource(s, job.report, job.cancel),
+        )
+    except CalcinosisError as exc:  # a damaged tile: name the slide as the page lists it
+        raise CalcinosisError(_rel_message(str(exc), path, rel)) from None
     if job.cancel.is_set():
         raise Cancelled("cancelled")
     res.path = rel

@@ -223,6 +223,9 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str, message: str) -> None:
         """Mark a job finished and forget the oldest finished ones (lock held)."""
+        # The work closure holds the job's input (a decoded upload can be hundreds
+        # of MB); a finished job keeps only its result and files.
+        job.work = _finished_work
         job.state = state
         job.message = message
         job.finished = time.time()
@@ -234,3 +237,7 @@ class JobQueue:
             old = self._jobs.pop(self._finished.popleft(), None)
             if old is not None:
                 shutil.rmtree(old.folder, ignore_errors=True)
+
+
+def _finished_work(job: Job) -> dict[str, Any]:
+    raise RuntimeError(f"job {job.id} has already run")
