@@ -6,13 +6,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= runs/demo
+SERVE  := inference/serve
+NPM_STAMP := $(SERVE)/node_modules/.installed-stamp
 
-.PHONY: venv test test-fast demo cross-style lint clean
+.PHONY: venv test test-fast demo cross-style lint clean screenshots
 
-venv: $(STAMP)
+venv: $(STAMP) $(NPM_STAMP)
 
 # torch and torchvision are pinned to the builds that lie on this project's
 # machines (other versions download gigabytes); the rest comes from pyproject.
+# The page's front-end libraries (OpenSeadragon) come from npm, pinned by the
+# committed lock file, into inference/serve/node_modules (not in git).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -20,10 +24,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+$(NPM_STAMP): $(SERVE)/package.json $(SERVE)/package-lock.json
+	npm ci --prefix $(SERVE) --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
+
+test: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
@@ -99,6 +107,12 @@ cross-style: $(STAMP)
 		--report "trained on A, tested on B=$(CROSS)/a_on_b" \
 		--report "trained on B, tested on B=$(CROSS)/b_on_b" \
 		--report "trained on B, tested on A=$(CROSS)/b_on_a"
+
+# The README's screenshots of the page (docs/serve_*.png), taken by the browser
+# tests with the demo model (make demo first, or CKPT=path/to/best.safetensors).
+screenshots: $(STAMP) $(NPM_STAMP)
+	CALCINOSIS_SERVE_CHECKPOINT=$(CKPT) CALCINOSIS_SCREENSHOT_DIR=docs \
+		$(BIN)/python -m pytest -q tests/test_serve_browser.py
 
 clean:
 	rm -rf $(DEMO)

@@ -1,5 +1,5 @@
 """The inference side of the ``calcinosis`` command line: ``predict``, ``export``, ``bench``,
-``robustness``.
+``robustness``, ``serve``.
 
 Parsers only (cheap to import, so ``calcinosis --help`` answers at once); each
 command's work is imported when it runs. Registered under the
@@ -16,7 +16,9 @@ import sys
 
 from calcinosis.model.cli import Command, add_tta_argument, main
 
-__all__ = ["bench", "export", "main", "predict", "robustness"]
+from .serve import command as _serve
+
+__all__ = ["bench", "export", "main", "predict", "robustness", "serve"]
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -290,6 +292,16 @@ robustness = Command(
         "predictions on real patches into one table of the network's macro-F1 beside the "
         "colour-histogram baseline's. Sets that were not run are listed as such."
     ),
+)
+
+# calcinosis serve: the local web page (its options and runner live in inference/serve).
+serve = Command(
+    "serve",
+    80,
+    _serve.serve_arguments,
+    "calcinosis.inference.serve.command:run_serve",
+    help=_serve.HELP,
+    description=_serve.DESCRIPTION,
 )
 
 

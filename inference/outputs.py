@@ -1,7 +1,8 @@
 """What ``calcinosis predict`` writes for each result: its table row, overlay, GeoJSON and CSVs.
 
 :func:`result_row` is the result's row of ``predictions.csv`` (columns:
-:func:`csv_columns`); :func:`planned_files` names the files a result gets and
+:func:`csv_columns`), :func:`run_settings` the predictor's settings at the top
+of ``predictions.json``; :func:`planned_files` names the files a result gets and
 :func:`write_outputs` writes them (in the command's thread pool): the overlay
 PNG (``overlay.render_overlay``), the GeoJSON (``geojson.lesion_features``,
 in a slide's level-0 frame for slides) and, for tiled regions, the tile and
@@ -13,7 +14,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,10 +24,14 @@ from calcinosis.model.labels import CLASS_NAMES, DEPOSIT_LABELS
 from .overlay import PNG_COMPRESSION
 from .result import PatchResult
 
+if TYPE_CHECKING:
+    from .predictor import Predictor
+
 __all__ = [
     "csv_columns",
     "planned_files",
     "result_row",
+    "run_settings",
     "write_csv",
     "write_outputs",
     "write_overlay_png",
@@ -95,6 +100,29 @@ def result_row(
         row[f"area_px_{lab}"] = "" if px is None else int(px)
         row[f"area_um2_{lab}"] = _fmt(um, 2)
     return row
+
+
+def run_settings(predictor: Predictor) -> dict[str, Any]:
+    """The predictor's settings in predictions.json's run header (``predict`` and ``serve``)."""
+    return {
+        "class_names": predictor.class_names,
+        "stain_names": predictor.stain_names,
+        "deposit_labels": predictor.deposit_labels,
+        "model_mpp": predictor.model_mpp,
+        "input_size": predictor.input_size,
+        "temperature": predictor.temperature,
+        # Test-time augmentation of patches, of tiled regions and slides, and the
+        # mode the temperature was fitted in.
+        "tta": predictor.tta,
+        "region_tta": predictor.region_tta,
+        "temperature_tta": predictor.temperature_tta,
+        "indeterminate_threshold": predictor.indeterminate_threshold,
+        "min_tissue_fraction": predictor.min_tissue_fraction,
+        "focus_threshold": predictor.focus_threshold,
+        "lesion_threshold": predictor.lesion_threshold,
+        "min_lesion_area_um2": predictor.min_lesion_area_um2,
+        "tile_overlap": predictor.tile_overlap,
+    }
 
 
 def _n_lesions(res: PatchResult) -> int | str:

@@ -57,7 +57,14 @@ from calcinosis.model.hardware import cpu_seconds
 
 from .engines import check_backend
 from .inputs import InputItem, collect_inputs, decoded_chunks
-from .outputs import csv_columns, planned_files, result_row, write_csv, write_outputs
+from .outputs import (
+    csv_columns,
+    planned_files,
+    result_row,
+    run_settings,
+    write_csv,
+    write_outputs,
+)
 from .overlay import PNG_COMPRESSION
 from .predictor import Predictor
 from .result import PatchResult, error_reason
@@ -166,7 +173,7 @@ def run_predict(args: argparse.Namespace) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(args.checkpoint),
         "backend": run.predictor.backend,
-        **_settings(run.predictor),
+        **run_settings(run.predictor),
         "seconds": round(elapsed, 2),
         "seconds_after_load": round(time.perf_counter() - t_ready, 2),
         # CPU time of all threads (decoding, network, overlays): with seconds_after_load,
@@ -331,29 +338,6 @@ def _record(
         return
     job = (run.out, run.names[i], res, image, files, run.png_level, max_side)
     writes.append(pool.submit(write_outputs, *job, p.class_names, p.deposit_labels))
-
-
-def _settings(predictor: Predictor) -> dict[str, Any]:
-    """The predictor's settings, for predictions.json."""
-    return {
-        "class_names": predictor.class_names,
-        "stain_names": predictor.stain_names,
-        "deposit_labels": predictor.deposit_labels,
-        "model_mpp": predictor.model_mpp,
-        "input_size": predictor.input_size,
-        "temperature": predictor.temperature,
-        # Test-time augmentation of patches, of tiled regions and slides, and the
-        # mode the temperature was fitted in.
-        "tta": predictor.tta,
-        "region_tta": predictor.region_tta,
-        "temperature_tta": predictor.temperature_tta,
-        "indeterminate_threshold": predictor.indeterminate_threshold,
-        "min_tissue_fraction": predictor.min_tissue_fraction,
-        "focus_threshold": predictor.focus_threshold,
-        "lesion_threshold": predictor.lesion_threshold,
-        "min_lesion_area_um2": predictor.min_lesion_area_um2,
-        "tile_overlap": predictor.tile_overlap,
-    }
 
 
 def _report(run: _Run, elapsed: float) -> int:

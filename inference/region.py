@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -70,6 +71,7 @@ def predict_slide(
     level: int | None = None,
     region: tuple[int, int, int, int] | None = None,
     mpp: float | None = None,
+    wrap_source: Callable[[PixelSource], PixelSource] | None = None,
 ) -> PatchResult:
     """Predict one region of a slide (default: all of it) without reading it whole.
 
@@ -81,7 +83,9 @@ def predict_slide(
     coordinates (``origin`` + pixel x ``downsample``), which the GeoJSON
     writer and ``slide.region_thumbnail`` use; the lesions' ``centroid``,
     ``bbox`` and ``area_px`` are converted to level-0 pixels of the same frame
-    (``area_um2`` needs no conversion).
+    (``area_um2`` needs no conversion). ``wrap_source`` wraps the region's
+    pixel source for the network's reads (``calcinosis serve`` reports progress
+    and cancels through it); the pixels must pass through unchanged.
     """
     with open_slide(path) as slide:
         mpp0, mpp_source = _slide_mpp(slide, mpp, predictor.model_mpp)
@@ -94,7 +98,8 @@ def predict_slide(
         ds = slide.level_downsamples[lvl]
         source = SlideRegionSource(slide, lvl, lx, ly, lw, lh)
         level_mpp = None if mpp0 is None else mpp0 * ds
-        res = predict_source(predictor, source, mpp=level_mpp, name=str(path))
+        read_from = source if wrap_source is None else wrap_source(source)
+        res = predict_source(predictor, read_from, mpp=level_mpp, name=str(path))
         ox, oy = slide.level_origin(lvl, lx, ly)
         res.slide = {
             **slide.describe(),

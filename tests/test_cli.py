@@ -12,7 +12,7 @@ from helpers import tissue
 
 from calcinosis.model import cli
 
-ORDER = ["synth", "train", "evaluate", "predict", "export", "bench", "robustness"]
+ORDER = ["synth", "train", "evaluate", "predict", "export", "bench", "robustness", "serve"]
 
 
 def test_every_command_is_registered_once_in_story_order():
