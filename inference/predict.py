@@ -73,6 +73,7 @@ __all__ = [
     "EXIT_SOME_FAILED",
     "collect_inputs",
     "csv_columns",
+    "predict_into",
     "run_predict",
     "safe_stem",
     "unique_names",
@@ -155,14 +156,72 @@ class _Run:
 def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` subcommand; see the module docstring for outputs and exit codes."""
     run = _plan(args)
-    t0 = run.started
     print(run.predictor.describe_tta())
+    workers = getattr(args, "workers", None) or (os.cpu_count() or 1)
+    _execute(run, str(args.checkpoint), workers, quiet=getattr(args, "quiet", False))
+    return _report(run, time.perf_counter() - run.started)
+
+
+def predict_into(
+    predictor: Predictor,
+    items: Sequence[InputItem],
+    out: str | os.PathLike[str],
+    *,
+    checkpoint: str,
+    level: int | None = None,
+    region: tuple[int, int, int, int] | None = None,
+    max_pixels: int | None = None,
+    png_level: int = PNG_COMPRESSION,
+    overlays: bool = True,
+    geojson: bool = True,
+    workers: int = 1,
+) -> list[dict[str, Any]]:
+    """What ``predict`` writes for ``items``, into ``out``, with an already loaded predictor.
+
+    The same code path as the command (``calcinosis predict-cohort`` calls it
+    once per slide, into that slide's own folder): ``predictions.csv``,
+    ``predictions.json``, overlays, GeoJSON, tile and lesion tables. Returns
+    the ``predictions.csv`` rows, in input order.
+    """
+    from .slide import is_slide_file
+
+    items = list(items)
+    force = region is not None or level is not None
+    slides = [
+        i
+        for i, it in enumerate(items)
+        if it.error is None and is_slide_file(it.path, force=force, max_pixels=max_pixels)
+    ]
+    n = len(items)
+    run = _Run(
+        out=Path(out),
+        items=items,
+        predictor=predictor,
+        slides=slides,
+        plain=[i for i in range(n) if i not in set(slides)],
+        level=level,
+        region=region,
+        max_pixels=max_pixels,
+        png_level=png_level,
+        overlays=overlays,
+        geojson=geojson,
+        started=time.perf_counter(),
+        names=unique_names([it.path for it in items]),
+        rows=[None] * n,
+        records=[None] * n,
+    )
+    _execute(run, checkpoint, workers, quiet=True)
+    return [r for r in run.rows if r is not None]
+
+
+def _execute(run: _Run, checkpoint: str, workers: int, quiet: bool) -> None:
+    """Predict every input of ``run`` and write its files, predictions.csv and predictions.json."""
+    t0 = run.started
     t_ready, cpu_ready = time.perf_counter(), cpu_seconds()
     for sub in ("overlays",) * run.overlays + ("geojson",) * run.geojson + ("tiles", "lesions"):
         (run.out / sub).mkdir(parents=True, exist_ok=True)
     run.out.mkdir(parents=True, exist_ok=True)
-    workers = getattr(args, "workers", None) or (os.cpu_count() or 1)
-    _predict_all(run, workers, quiet=getattr(args, "quiet", False))
+    _predict_all(run, workers, quiet=quiet)
     elapsed = time.perf_counter() - t0
     write_csv(
         run.out / "predictions.csv",
@@ -171,7 +230,7 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     summary = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": checkpoint,
         "backend": run.predictor.backend,
         **run_settings(run.predictor),
         "seconds": round(elapsed, 2),
@@ -184,7 +243,6 @@ def run_predict(args: argparse.Namespace) -> int:
     atomic_write_text(
         run.out / "predictions.json", json.dumps(summary, indent=1, ensure_ascii=False), fsync=False
     )
-    return _report(run, elapsed)
 
 
 def _plan(args: argparse.Namespace) -> _Run:
