@@ -1,5 +1,5 @@
-"""The inference side of the ``calcinosis`` command line: ``predict``, ``export``, ``bench``,
-``robustness``, ``serve``.
+"""The inference side of the ``calcinosis`` command line: ``predict``, ``predict-cohort``,
+``export``, ``bench``, ``robustness``, ``serve``.
 
 Parsers only (cheap to import, so ``calcinosis --help`` answers at once); each
 command's work is imported when it runs. Registered under the
@@ -18,7 +18,7 @@ from calcinosis.model.cli import Command, add_tta_argument, main
 
 from .serve import command as _serve
 
-__all__ = ["bench", "export", "main", "predict", "robustness", "serve"]
+__all__ = ["bench", "export", "main", "predict", "predict_cohort", "robustness", "serve"]
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,6 +141,66 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _cohort_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "cohort",
+        metavar="COHORT.csv",
+        help="CSV with a 'path' column (relative to the CSV) and optional case_id, level, "
+        "region (X,Y,W,H level-0 pixels) and mpp columns",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint (.safetensors) or exported .onnx"
+    )
+    p.add_argument("--out", required=True, help="output folder: slides/<name>/, cohort.csv/json")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="LocalCluster worker processes (default: the cores, at most one per 2 GiB)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="attach to a running Dask scheduler (e.g. tcp://host:8786) instead",
+    )
+    p.add_argument(
+        "--no-dask", action="store_true", help="predict the slides one by one in this process"
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times a slide is retried when its worker dies (default 2)",
+    )
+    p.add_argument("--mpp", type=float, default=None, help="level-0 mpp where the CSV has none")
+    p.add_argument("--level", type=int, default=None, help="pyramid level where the CSV has none")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "torch-eager", "torch-bf16", "torch-compile", "onnx", "onnx-int8"],
+        help="as for predict (default torch)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    p.add_argument("--threshold", type=float, default=None, help="as for predict")
+    p.add_argument("--lesion-threshold", type=float, default=None, help="as for predict")
+    p.add_argument(
+        "--min-lesion-area",
+        dest="min_lesion_area_um2",
+        type=float,
+        default=None,
+        metavar="UM2",
+        help="as for predict",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="patches per forward pass")
+    add_tta_argument(p)
+    p.add_argument("--tile-overlap", type=int, default=None, help="as for predict")
+    p.add_argument("--focus-threshold", type=float, default=None, help="as for predict")
+    p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--no-geojson", action="store_true", help="do not write QuPath GeoJSON files")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--onnx", default=None, help="output .onnx path")
@@ -255,6 +315,20 @@ predict = Command(
         "are read a band of tiles at a time, never whole: see --level and --region. "
         "Exit status: 0 when every input was processed, 3 when some inputs could not "
         "be read (their rows say status=error and why), 2 for usage errors."
+    ),
+)
+predict_cohort = Command(
+    "predict-cohort",
+    45,
+    _cohort_arguments,
+    "calcinosis.inference.cohort:run_cohort",
+    help="predict a cohort of slides listed in a CSV, resumably, on Dask",
+    description=(
+        "Predict every slide of COHORT.csv into its own folder OUT/slides/<name>/ (the files "
+        "predict writes, plus a done-marker with the checkpoint's sha256 and the options), "
+        "one Dask task per slide on a LocalCluster or the cluster at --scheduler. A rerun "
+        "skips finished slides. OUT/cohort.csv and cohort.json summarise the cohort. "
+        "Exit status 0, or 3 when some slides failed."
     ),
 )
 export = Command(
