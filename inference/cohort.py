@@ -182,6 +182,10 @@ def _predictor(checkpoint: str, digest: str, settings: dict[str, Any]) -> Any:
     key = (digest, json.dumps(settings, sort_keys=True))
     if key not in _PREDICTORS:
         _PREDICTORS.clear()  # a new checkpoint replaces the old one: one model per worker
+        if settings.get("threads"):
+            import torch  # the ONNX engine takes ``threads`` itself; torch is set per process
+
+            torch.set_num_threads(int(settings["threads"]))
         _PREDICTORS[key] = Predictor.from_checkpoint(checkpoint, **settings)
         LOADS += 1
     return _PREDICTORS[key]
@@ -479,6 +483,7 @@ def _remove_stale_tmp(slides_dir: Path) -> None:
 
 def _run_on_dask(tasks: list[dict[str, Any]], args: argparse.Namespace, progress: _Progress) -> int:
     """Every task on a Dask cluster (attached or local); returns the model loads reported."""
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -490,13 +495,17 @@ def _run_on_dask(tasks: list[dict[str, Any]], args: argparse.Namespace, progress
         for t in tasks:
             t["predictor"] = {**t["predictor"], "threads": threads}
             t["threads"] = threads
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            memory_limit=None,
-        )
+        # A task whose worker dies is resubmitted up to ``allowed-failures`` times (``retries=``
+        # only covers exceptions, which run_slide records itself); this is the scheduler's
+        # setting, so on an attached cluster it is that scheduler's configuration.
+        with dask.config.set({"distributed.scheduler.allowed-failures": args.retries}):
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                memory_limit=None,
+            )
         client = Client(cluster)
         if not args.quiet:
             print(f"LocalCluster: {n} worker process(es), {threads} thread(s) each")

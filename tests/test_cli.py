@@ -12,7 +12,17 @@ from helpers import tissue
 
 from calcinosis.model import cli
 
-ORDER = ["synth", "train", "evaluate", "predict", "export", "bench", "robustness", "serve"]
+ORDER = [
+    "synth",
+    "train",
+    "evaluate",
+    "predict",
+    "predict-cohort",
+    "export",
+    "bench",
+    "robustness",
+    "serve",
+]
 
 
 def test_every_command_is_registered_once_in_story_order():

@@ -245,3 +245,53 @@ def test_dask_local_cluster_matches_in_process(
             np.asarray(fa["geometry"]["coordinates"][0], float),
             np.asarray(fb["geometry"]["coordinates"][0], float),
         )
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    WorkerPlugin = object
+
+
+class _DieOnce(WorkerPlugin):
+    """A worker plugin: the first worker to start a slide task exits at once (os._exit),
+    as a worker killed mid-slide would; a flag file makes it happen once per cohort."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and str(key).startswith("slide-"):
+            try:
+                fd = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, str(key).encode())
+            os.close(fd)
+            os._exit(1)
+
+
+@pytest.mark.slow
+def test_attached_cluster_survives_a_dying_worker(cohort_csv, robust_checkpoint, tmp_path):
+    """--scheduler: a worker dies at the start of a slide; the slide is retried elsewhere and
+    every slide finishes, with no temporary folder taken as done."""
+    distributed = pytest.importorskip("distributed")
+    flag = tmp_path / "died"
+    out = tmp_path / "run"
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.register_plugin(_DieOnce(str(flag)), name="die-once")
+        rc = predict_cohort(
+            cohort_csv, robust_checkpoint, out, "--scheduler", cluster.scheduler_address
+        )
+    assert flag.is_file(), "no worker died: the test did not test anything"
+    assert rc == 3  # the corrupt slide only
+    rows = summary(out)
+    assert [r["status"] == "error" for r in rows] == [r["case_id"] == "case-broken" for r in rows]
+    name = flag.read_text().removeprefix("slide-").rsplit("-", 1)[0]  # slide-<name>-<random>
+    assert (out / "slides" / name / "done.json").is_file()
+    assert not list((out / "slides").glob(".tmp-*"))
