@@ -161,14 +161,18 @@ def read_cohort(
 # --------------------------------------------------------------------------- one slide
 
 
-def slide_is_done(folder: Path, digest: str, options: dict[str, Any]) -> bool:
-    """Whether ``folder`` holds a finished, non-error result for this model and options."""
+def slide_is_done(
+    folder: Path, digest: str, options: dict[str, Any], path: str | None = None
+) -> bool:
+    """Whether ``folder`` holds a finished, non-error result for this model and options
+    (and, with ``path``, for this slide file: names of duplicate stems follow CSV order)."""
     try:
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (
-        marker.get("checkpoint_sha256") == digest
+        (path is None or marker.get("path") == path)
+        and marker.get("checkpoint_sha256") == digest
         and marker.get("options") == options
         and marker.get("status") != "error"
     )
@@ -422,7 +426,7 @@ def run_cohort(args: argparse.Namespace) -> int:
     tasks, skipped = [], 0
     for s in cohort:
         options = {**s.options(), **predictor_opts, **run_opts}
-        if slide_is_done(slides_dir / s.name, digest, options):
+        if slide_is_done(slides_dir / s.name, digest, options, str(s.path)):
             skipped += 1
             continue
         tasks.append(

@@ -169,7 +169,8 @@ def test_half_written_folders_are_not_done(in_process, cohort_csv, robust_checkp
     (slides / "case-b" / "done.json").unlink()
     capsys.readouterr()
     predict_cohort(cohort_csv, robust_checkpoint, in_process, "--no-dask")
-    assert "4 already done, 2 to predict" not in capsys.readouterr().out  # broken is redone too
+    # a (only a temporary copy), b (no marker) and the corrupt slide are redone.
+    assert "3 already done, 3 to predict" in capsys.readouterr().out
     assert (slides / "case-a" / "done.json").is_file()
     assert (slides / "case-b" / "done.json").is_file()
     assert not tmp.exists()
@@ -183,18 +184,18 @@ def test_changed_checkpoint_or_options_redo_everything(
     other = tiny_checkpoint_factory(tmp_path / "other.safetensors", 64, 2.0)
     before = marker_mtimes(in_process)
     capsys.readouterr()
-    predict_cohort(cohort_csv, other, in_process, "--no-dask", "--no-overlays")
+    # Another checkpoint, the same options: every slide is redone.
+    predict_cohort(cohort_csv, other, in_process, "--no-dask")
     assert "0 already done, 6 to predict" in capsys.readouterr().out
     after = marker_mtimes(in_process)
     assert all(after[k] != before[k] for k in before)
     doc = json.loads((in_process / "cohort.json").read_text())
     assert doc["checkpoint_sha256"] == cohort.checkpoint_digest(other)
+    # The same checkpoint, another option: redone again.
+    predict_cohort(cohort_csv, other, in_process, "--no-dask", "--no-overlays")
+    assert "0 already done, 6 to predict" in capsys.readouterr().out
     # Without overlays this time: the old overlays went with the old folders.
     assert not list((in_process / "slides").glob("*/overlays/*.png"))
-    # Same checkpoint, different options: redone again.
-    capsys.readouterr()
-    predict_cohort(cohort_csv, other, in_process, "--no-dask")
-    assert "0 already done" in capsys.readouterr().out
 
 
 def test_slide_is_done_needs_same_digest_options_and_success(tmp_path):
@@ -204,6 +205,12 @@ def test_slide_is_done_needs_same_digest_options_and_success(tmp_path):
     assert cohort.slide_is_done(tmp_path, "abc", {"level": 0})
     assert not cohort.slide_is_done(tmp_path, "abd", {"level": 0})
     assert not cohort.slide_is_done(tmp_path, "abc", {"level": 1})
+    # The folder of another slide (a reordered CSV with duplicate stems) is not this one's.
+    (tmp_path / "done.json").write_text(
+        json.dumps({"path": "/a/x.svs", "checkpoint_sha256": "abc", "options": {}, "status": "ok"})
+    )
+    assert cohort.slide_is_done(tmp_path, "abc", {}, "/a/x.svs")
+    assert not cohort.slide_is_done(tmp_path, "abc", {}, "/b/x.svs")
     (tmp_path / "done.json").write_text('{"checkpoint_sha256": "abc", "opt')  # truncated
     assert not cohort.slide_is_done(tmp_path, "abc", {"level": 0})
     assert not cohort.slide_is_done(tmp_path / "nothing", "abc", {"level": 0})
