@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -40,11 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from calcinosis.model.errors import CalcinosisError
-from calcinosis.model.fileio import atomic_write_text
+from calcinosis.model.fileio import atomic_write_text, file_digest
 
 __all__ = [
     "CohortSlide",
-    "checkpoint_digest",
     "read_cohort",
     "rebuild_summary",
     "run_cohort",
@@ -87,15 +85,6 @@ class CohortSlide:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def checkpoint_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of the checkpoint file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_cohort(
@@ -235,22 +224,37 @@ def run_slide(task: dict[str, Any]) -> dict[str, Any]:
 
         traceback.print_exc(file=sys.stderr)
         reason = error_reason(exc)
+    seconds = round(time.perf_counter() - t0, 3)
+    marker = _finish_folder(task, tmp, final, status, reason, seconds, host=os.uname().nodename)
+    return {**marker, "pid": os.getpid(), "loads": LOADS}
+
+
+def _finish_folder(
+    task: dict[str, Any],
+    tmp: Path,
+    final: Path,
+    status: str,
+    reason: str,
+    seconds: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write the done-marker into ``tmp``, rename it to ``final``; returns the marker."""
     marker = {
         "path": task["path"],
         "case_id": task["case_id"],
         "name": task["name"],
         "checkpoint": task["checkpoint"],
         "checkpoint_sha256": task["digest"],
-        "options": opts,
+        "options": task["options"],
         "status": status,
         "reason": reason,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": seconds,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": os.uname().nodename,
+        **extra,
     }
     atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1), fsync=True)
     _replace_folder(tmp, final)
-    return {**marker, "pid": os.getpid(), "loads": LOADS}
+    return marker
 
 
 def _replace_folder(tmp: Path, final: Path) -> None:
@@ -269,21 +273,7 @@ def write_failure(task: dict[str, Any], reason: str) -> dict[str, Any]:
     final = Path(task["slides_dir"]) / task["name"]
     tmp = final.with_name(f"{TMP_PREFIX}{task['name']}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    marker = {
-        "path": task["path"],
-        "case_id": task["case_id"],
-        "name": task["name"],
-        "checkpoint": task["checkpoint"],
-        "checkpoint_sha256": task["digest"],
-        "options": task["options"],
-        "status": "error",
-        "reason": reason,
-        "seconds": None,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1), fsync=True)
-    _replace_folder(tmp, final)
-    return marker
+    return _finish_folder(task, tmp, final, "error", reason, None)
 
 
 # --------------------------------------------------------------------------- summary
@@ -408,7 +398,7 @@ def run_cohort(args: argparse.Namespace) -> int:
     checkpoint = str(Path(args.checkpoint).resolve())
     if not Path(checkpoint).is_file():
         raise CalcinosisError(f"checkpoint not found: {args.checkpoint}")
-    digest = checkpoint_digest(checkpoint)
+    digest = file_digest(checkpoint)
     predictor_opts = {
         "backend": check_backend(args.backend),
         "device": args.device,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from calcinosis.model.errors import CalcinosisError, CheckpointError
-from calcinosis.model.fileio import atomic_path
+from calcinosis.model.fileio import atomic_path, file_digest
 from calcinosis.model.preprocess import PREPROCESSING_KEY, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -339,15 +338,6 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             "'calcinosis export' so it carries its class names and preprocessing"
         )
     return json.loads(raw)
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, hex (identifies the checkpoint an export came from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- helpers

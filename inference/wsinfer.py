@@ -154,8 +154,7 @@ def export_wsinfer(
 
     from calcinosis.model import load_checkpoint
     from calcinosis.model.cli import package_version
-
-    from .export import file_digest
+    from calcinosis.model.fileio import file_digest
 
     checkpoint = Path(checkpoint)
     out = Path(out_dir)

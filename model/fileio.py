@@ -29,7 +29,14 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text", "to_jsonable"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "file_digest",
+    "to_jsonable",
+]
 
 PathLike = str | os.PathLike
 
@@ -224,3 +231,14 @@ def to_jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, str):
         return obj
     return str(obj)
+
+
+def file_digest(path: PathLike) -> str:
+    """SHA-256 of a file's bytes, hex (identifies a checkpoint: exports, cohort markers, the page)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -22,6 +22,7 @@ pytest.importorskip("tiffslide")
 from calcinosis.inference import cohort  # noqa: E402
 from calcinosis.model.cli import main  # noqa: E402
 from calcinosis.model.errors import CalcinosisError  # noqa: E402
+from calcinosis.model.fileio import file_digest  # noqa: E402
 
 #: (file name, mosaic columns, rows, margin) of the good slides.
 SLIDES = [("a", 3, 2, 16), ("b", 2, 2, 40), ("c", 4, 1, 8), ("d", 2, 3, 24), ("e", 3, 3, 0)]
@@ -190,7 +191,7 @@ def test_changed_checkpoint_or_options_redo_everything(
     after = marker_mtimes(in_process)
     assert all(after[k] != before[k] for k in before)
     doc = json.loads((in_process / "cohort.json").read_text())
-    assert doc["checkpoint_sha256"] == cohort.checkpoint_digest(other)
+    assert doc["checkpoint_sha256"] == file_digest(other)
     # The same checkpoint, another option: redone again.
     predict_cohort(cohort_csv, other, in_process, "--no-dask", "--no-overlays")
     assert "0 already done, 6 to predict" in capsys.readouterr().out

@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from calcinosis.inference.export import file_digest
 from calcinosis.inference.predictor import Predictor
 from calcinosis.model.cli import package_version
+from calcinosis.model.fileio import file_digest
 from calcinosis.model.metadata import checkpoint_tta
 
 RESEARCH_ONLY = "For research use; not a diagnosis."
