@@ -18,6 +18,10 @@ from calcinosis.model.cli import Command, add_tta_argument, main
 
 from .serve import command as _serve
 
+#: engines.BACKENDS, spelled out so the parsers need not import the engines
+#: (torch and onnxruntime, ~0.25 s); tests/test_cli.py keeps the two equal.
+BACKEND_CHOICES = ("torch", "torch-eager", "torch-bf16", "torch-compile", "onnx", "onnx-int8")
+
 __all__ = ["bench", "export", "main", "predict", "predict_cohort", "robustness", "serve"]
 
 
@@ -65,7 +69,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=["torch", "torch-eager", "torch-bf16", "torch-compile", "onnx", "onnx-int8"],
+        choices=BACKEND_CHOICES,
         help="torch = PyTorch fp32 channels-last (default); onnx = ONNX Runtime, exported once "
         "next to the checkpoint and usually fastest on CPUs; torch-bf16 only pays off on "
         "CPUs with AMX/AVX512-BF16 or on GPUs",
@@ -178,7 +182,7 @@ def _cohort_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=["torch", "torch-eager", "torch-bf16", "torch-compile", "onnx", "onnx-int8"],
+        choices=BACKEND_CHOICES,
         help="as for predict (default torch)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")

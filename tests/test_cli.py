@@ -34,6 +34,18 @@ def test_every_command_is_registered_once_in_story_order():
     assert all(v.startswith("calcinosis.inference.cli:") for k, v in eps.items() if k in ORDER[3:])
 
 
+def test_backend_choices_of_the_parsers_are_the_engines_backends():
+    from calcinosis.inference import cli as inference_cli
+    from calcinosis.inference.engines import BACKENDS
+
+    assert sorted(inference_cli.BACKEND_CHOICES) == sorted(BACKENDS)
+    parser = cli.build_parser()
+    for command in ("predict", "predict-cohort"):
+        argv = [command, "x", "--checkpoint", "c", "--out", "o", "--backend", "onnx-int8"]
+        sub = parser.parse_args(argv)
+        assert sub.backend == "onnx-int8"
+
+
 def test_top_level_help_lists_the_commands_and_each_has_its_own(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
