@@ -414,3 +414,11 @@ def test_sigkilled_run_resumes_without_redoing_finished_slides(
     after = marker_mtimes(out)
     assert {k: after[k] for k in done} == done  # the finished slides were not redone
     assert_complete(out, total)
+
+
+def test_local_cluster_workers_keep_glibcs_dynamic_mmap_threshold():
+    """Dask's nanny default MALLOC_TRIM_THRESHOLD_ (page faults on every batch) is not passed
+    to the LocalCluster's workers; their BLAS/OpenMP threads are the cores per worker."""
+    env = cohort._worker_environ(3)
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == 3
