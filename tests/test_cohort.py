@@ -303,3 +303,122 @@ def test_attached_cluster_survives_a_dying_worker(cohort_csv, robust_checkpoint,
     name = flag.read_text().removeprefix("slide-").rsplit("-", 1)[0]  # slide-<name>-<random>
     assert (out / "slides" / name / "done.json").is_file()
     assert not list((out / "slides").glob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------- killed runs
+# predict-cohort as a subprocess in its own process group, on a longer cohort (the five
+# good slides three times over, and the corrupt one), killed while slides are running.
+
+CLI = "import sys; from calcinosis.model.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.fixture(scope="module")
+def long_cohort_csv(cohort_csv) -> Path:
+    with open(cohort_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    good = [r for r in rows if r["case_id"] != "case-broken"]
+    more = [{**r, "case_id": f"{r['case_id']}-{k}"} for k in range(3) for r in good]
+    more.insert(4, next(r for r in rows if r["case_id"] == "case-broken"))
+    path = cohort_csv.with_name("long.csv")
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(more)
+    return path
+
+
+def start_cohort(csv_path: Path, ckpt: Path, out: Path, *extra: str):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", CLI, "predict-cohort", str(csv_path), "--checkpoint", str(ckpt)]
+    return subprocess.Popen(
+        [*cmd, "--out", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, Dask workers included
+    )
+
+
+def wait_for_markers(proc, out: Path, total: int, timeout: float = 120.0) -> None:
+    """Until at least one slide has its done-marker and not all of them do."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not finished_ok(out):
+        assert proc.poll() is None, f"the run ended first:\n{proc.communicate()[0]}"
+        assert time.monotonic() < deadline, "no slide finished in time"
+        time.sleep(0.01)
+    assert len(finished_ok(out)) < total - 1, "every slide finished before the kill"
+
+
+def finished_ok(out: Path) -> dict[str, int]:
+    """The done-markers (mtimes) of slide folders (not temporaries) finished without error;
+    safe to call while a run renames folders."""
+    done = {}
+    for folder in (out / "slides").glob("*") if (out / "slides").is_dir() else []:
+        if folder.name.startswith(cohort.TMP_PREFIX):
+            continue
+        try:
+            mtime = (folder / "done.json").stat().st_mtime_ns
+            status = json.loads((folder / "done.json").read_text())["status"]
+        except (OSError, ValueError):
+            continue
+        if status != "error":
+            done[folder.name] = mtime
+    return done
+
+
+def assert_complete(out: Path, n: int) -> None:
+    """Every slide has a whole folder (marker, tables, overlay, outlines); no temporaries."""
+    rows = summary(out)
+    assert len(rows) == n
+    assert not list((out / "slides").glob(".tmp-*"))
+    assert sorted(p.name for p in (out / "slides").iterdir()) == sorted(r["name"] for r in rows)
+    for r in rows:
+        folder, stem = out / "slides" / r["name"], Path(r["path"]).stem
+        assert (folder / "done.json").is_file(), r
+        if r["case_id"] == "case-broken":
+            assert r["status"] == "error", r
+            continue
+        assert r["status"] not in ("error", "missing") and r["prediction"], r
+        for f in ("predictions.csv", "predictions.json", f"overlays/{stem}.png"):
+            assert (folder / f).is_file(), (r["name"], f)
+        assert json.loads((folder / "geojson" / f"{stem}.geojson").read_text())["features"]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_without_redoing_finished_slides(
+    long_cohort_csv, robust_checkpoint, tmp_path
+):
+    """The whole run (process group) is SIGKILLed mid-cohort; the rerun finishes the rest."""
+    import signal
+
+    out = tmp_path / "run"
+    total = len(cohort.read_cohort(long_cohort_csv))
+    proc = start_cohort(long_cohort_csv, robust_checkpoint, out, "--no-dask")
+    try:
+        wait_for_markers(proc, out, total)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    done = finished_ok(out)
+    assert done and not (out / "cohort.csv").exists()
+    proc = start_cohort(long_cohort_csv, robust_checkpoint, out, "--no-dask")
+    log = proc.communicate()[0]
+    assert proc.returncode == 3, log  # the corrupt slide only
+    left = total - len(done)
+    assert f"{total} slide(s): {len(done)} already done, {left} to predict" in log, log
+    after = marker_mtimes(out)
+    assert {k: after[k] for k in done} == done  # the finished slides were not redone
+    assert_complete(out, total)
+
+
+def test_local_cluster_workers_keep_glibcs_dynamic_mmap_threshold():
+    """Dask's nanny default MALLOC_TRIM_THRESHOLD_ (page faults on every batch) is not passed
+    to the LocalCluster's workers; their BLAS/OpenMP threads are the cores per worker."""
+    env = cohort._worker_environ(3)
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == 3
