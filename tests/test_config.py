@@ -72,6 +72,7 @@ def test_wrong_types_name_the_key(tmp_path: Path, raw: dict, message: str) -> No
         ("train.ema_decay=1.0", r"train\.ema_decay' must be in \[0, 1\)"),
         ("train.encoder_lr_scale=0", r"train\.encoder_lr_scale' must be in \(0, 1\]"),
         ("train.encoder_lr_scale=2", r"train\.encoder_lr_scale' must be in \(0, 1\]"),
+        ("train.freeze_encoder_epochs=-1", r"train\.freeze_encoder_epochs' must be in \[0, "),
     ],
 )
 def test_out_of_range_values_are_rejected(override: str, message: str) -> None:

@@ -396,6 +396,58 @@ def test_encoder_learns_at_its_own_rate_and_the_schedule_keeps_the_ratio() -> No
     assert lrs["encoder"] == pytest.approx(0.1 * lrs["heads"])
 
 
+def test_frozen_encoder_schedule_holds_zero_then_ramps_into_the_cosine() -> None:
+    base = T.warmup_cosine(total_steps=100, warmup_steps=10)
+    f = T.frozen_then(base, frozen_steps=20, warmup_steps=10)
+    assert all(f(i) == 0.0 for i in range(20))
+    assert f(20) == pytest.approx(0.1 * base(20)) and f(29) == pytest.approx(base(29))
+    assert all(f(i) == pytest.approx(base(i)) for i in range(29, 120))
+
+
+def test_linear_probing_epochs_leave_the_encoder_as_pretrained(
+    tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Epoch 1 of 2 is linear probing: after it the encoder's weights and its
+    # batch-norm statistics are the initial ones while the heads have moved;
+    # in epoch 2 the encoder learns. Ctrl-C in epoch 1, then --resume, ends as
+    # the run straight through.
+    import calcinosis.training.engine as engine
+
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    original = engine._epoch_means
+
+    def snapshot(ctx, run, images, seconds):  # type: ignore[no-untyped-def]
+        seen[run.epoch] = {k: v.detach().clone() for k, v in ctx.net.state_dict().items()}
+        return original(ctx, run, images, seconds)
+
+    first: dict[str, torch.Tensor] = {}
+    original_ctx = T.train_one_epoch
+
+    def before(ctx, run, stop, on_step=None):  # type: ignore[no-untyped-def]
+        if not first:
+            first.update({k: v.detach().clone() for k, v in ctx.net.state_dict().items()})
+        return original_ctx(ctx, run, stop, on_step)
+
+    monkeypatch.setattr(engine, "_epoch_means", snapshot)
+    monkeypatch.setattr("calcinosis.training.train.train_one_epoch", before)
+    over = ("train.epochs=2", "train.freeze_encoder_epochs=1", "train.max_steps_per_epoch=3")
+    straight = tmp_path / "straight"
+    T.train(make_train_cfg(train_manifest, straight, *over))
+    enc = [k for k in first if k.startswith("encoder.")]
+    heads = [k for k in first if not k.startswith("encoder.") and first[k].is_floating_point()]
+    assert any("running_mean" in k for k in enc)
+    assert all(torch.equal(seen[0][k], first[k]) for k in enc)
+    assert any(not torch.equal(seen[0][k], first[k]) for k in heads)
+    assert any(not torch.equal(seen[1][k], first[k]) for k in enc if "weight" in k)
+
+    monkeypatch.undo()
+    resumed = tmp_path / "resumed"
+    cfg = make_train_cfg(train_manifest, resumed, *over)
+    _train_until_ctrl_c(cfg, monkeypatch, "train", 2)
+    T.train(cfg, resume=True)
+    assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
+
+
 def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:
     T.seed_everything(5)
     state = T.rng_state()

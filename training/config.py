@@ -183,6 +183,13 @@ class TrainConfig:
     # Kumar et al. 2022 show full fine-tuning at one rate distorts pretrained
     # features and loses out-of-distribution accuracy).
     encoder_lr_scale: float = 1.0
+    # Linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): for this many
+    # epochs the pretrained encoder is frozen (learning rate 0, batch-norm
+    # statistics kept) while the new decoder and heads learn on its ImageNet
+    # features; then the encoder joins in, with a warm-up of its own. Randomly
+    # initialised heads otherwise send large gradients into the encoder early
+    # and distort the features that transfer. 0 (default) fine-tunes all at once.
+    freeze_encoder_epochs: int = 0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -198,6 +205,11 @@ class TrainConfig:
             0 < self.encoder_lr_scale <= 1,
             "train.encoder_lr_scale",
             "must be in (0, 1] (1 = the encoder learns at train.lr like the heads)",
+        )
+        _require(
+            0 <= self.freeze_encoder_epochs < self.epochs,
+            "train.freeze_encoder_epochs",
+            f"must be in [0, train.epochs) = [0, {self.epochs}) (0 = never frozen)",
         )
 
 

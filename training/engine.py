@@ -124,6 +124,10 @@ def train_one_epoch(
     step boundary after Ctrl-C. ``on_step()`` runs after every completed step.
     """
     ctx.model.train()
+    if run.epoch < ctx.cfg.train.freeze_encoder_epochs:
+        # linear probing: the scheduler holds the encoder's rate at 0; eval mode
+        # keeps its batch-norm statistics (and its dropout) as pretrained too
+        ctx.net.encoder.eval()
     images, start = 0, time.perf_counter()
     bar = tqdm(
         total=ctx.steps,
@@ -165,6 +169,11 @@ def _train_step(
     loss, parts = ctx.criterion(out, batch)
     ctx.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if run.epoch < ctx.cfg.train.freeze_encoder_epochs:
+        # linear probing: no gradient for the frozen encoder, so AdamW leaves its
+        # weights and moments alone and gradient clipping sees the heads' alone
+        for p in ctx.net.encoder.parameters():
+            p.grad = None
     grad_norm = None
     if ctx.cfg.train.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.train.grad_clip)

@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule: AdamW, linear warm-up, cosine to a floor."""
+"""Optimizer and learning-rate schedule: AdamW, linear warm-up, cosine to a floor;
+optionally the encoder frozen for the first epochs (LP-FT)."""
 
 from __future__ import annotations
 
@@ -63,10 +64,48 @@ def warmup_cosine(
     return factor
 
 
+def frozen_then(
+    factor: Callable[[int], float], frozen_steps: int, warmup_steps: int
+) -> Callable[[int], float]:
+    """``factor`` held at 0 for ``frozen_steps``, then ramped in linearly over ``warmup_steps``.
+
+    The encoder's schedule under LP-FT: it joins the run's cosine where the run
+    has got to, through a warm-up of its own (a sudden full rate on features
+    that have not moved yet would undo the probing phase).
+    """
+
+    def frozen(step: int) -> float:
+        if step < frozen_steps:
+            return 0.0
+        ramp = min(1.0, (step - frozen_steps + 1) / warmup_steps) if warmup_steps else 1.0
+        return ramp * factor(step)
+
+    return frozen
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    freeze_encoder_epochs: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """:func:`warmup_cosine` over the whole run, stepped once per optimizer step."""
+    """:func:`warmup_cosine` over the whole run, stepped once per optimizer step.
+
+    With ``freeze_encoder_epochs``, the encoder's groups (named ``encoder*`` by
+    :func:`build_optimizer`) follow :func:`frozen_then`: rate 0 for those
+    epochs, then a warm-up of ``max(warmup_epochs, 1)`` epochs into the cosine.
+    """
     total_steps = epochs * steps_per_epoch
     warmup_steps = round(warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    base = warmup_cosine(total_steps, warmup_steps)
+    if freeze_encoder_epochs <= 0:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, base)
+    encoder = frozen_then(
+        base, freeze_encoder_epochs * steps_per_epoch, max(warmup_steps, steps_per_epoch)
+    )
+    lambdas = [
+        encoder if str(g.get("name", "")).startswith("encoder") else base
+        for g in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

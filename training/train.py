@@ -60,7 +60,7 @@ from .engine import (
 from .loaders import EpochSampler, SeededDataset, build_loaders
 from .losses import LOSS_PARTS, MultiTaskLoss, class_weights, masked_cross_entropy, soft_dice_loss
 from .metrics import IGNORE_INDEX
-from .optim import LR_FLOOR, build_optimizer, build_scheduler, warmup_cosine
+from .optim import LR_FLOOR, build_optimizer, build_scheduler, frozen_then, warmup_cosine
 from .seeding import (
     derive_seed,
     rank_rng_state,
@@ -136,6 +136,7 @@ __all__ = [
     "setup_distributed",
     "soft_dice_loss",
     "train_one_epoch",
+    "frozen_then",
     "warmup_cosine",
     "write_metrics_csv",
 ]
@@ -228,7 +229,13 @@ def build_context(
     return TrainContext(
         model=model,
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.train.epochs, steps, cfg.train.warmup_epochs),
+        scheduler=build_scheduler(
+            optimizer,
+            cfg.train.epochs,
+            steps,
+            cfg.train.warmup_epochs,
+            cfg.train.freeze_encoder_epochs,
+        ),
         criterion=MultiTaskLoss(cfg.train.loss_weights, cw).to(device),
         loader=train_loader,
         steps=steps,
