@@ -160,7 +160,8 @@ def _cohort_arguments(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help="LocalCluster worker processes (default: the cores, at most one per 2 GiB)",
+        help="LocalCluster worker processes (default: one per GPU with --device cuda, else "
+        "the cores, at most one per 2 GiB)",
     )
     p.add_argument(
         "--scheduler",
@@ -185,7 +186,12 @@ def _cohort_arguments(p: argparse.ArgumentParser) -> None:
         choices=BACKEND_CHOICES,
         help="as for predict (default torch)",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda (a LocalCluster then runs one worker per GPU, each on its "
+        "own) or cuda:N (every worker on GPU N)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="as for predict")
     p.add_argument("--lesion-threshold", type=float, default=None, help="as for predict")
     p.add_argument(

@@ -172,6 +172,9 @@ def _predictor(checkpoint: str, digest: str, settings: dict[str, Any]) -> Any:
     global LOADS
     from .predictor import Predictor
 
+    settings = {k: v for k, v in settings.items() if k != "pin_gpus"} | {
+        "device": worker_device(settings.get("device", "cpu"), settings.get("pin_gpus", 0))
+    }
     key = (digest, json.dumps(settings, sort_keys=True))
     if key not in _PREDICTORS:
         _PREDICTORS.clear()  # a new checkpoint replaces the old one: one model per worker
@@ -185,6 +188,34 @@ def _predictor(checkpoint: str, digest: str, settings: dict[str, Any]) -> Any:
         _PREDICTORS[key] = Predictor.from_checkpoint(checkpoint, **settings)
         LOADS += 1
     return _PREDICTORS[key]
+
+
+def worker_device(device: str, pin_gpus: int) -> str:
+    """The device of this process: ``cuda:<i>`` for worker ``i`` of a LocalCluster with one
+    worker per GPU (``pin_gpus`` = their number), else ``device`` as given.
+
+    Only predict-cohort's own LocalCluster pins (its workers are named 0..n-1): an
+    attached cluster decides its workers' GPUs itself (dask-cuda gives each worker
+    its own ``CUDA_VISIBLE_DEVICES``, so plain ``cuda`` is already that worker's GPU).
+    """
+    if pin_gpus <= 0 or not str(device).startswith("cuda") or ":" in str(device):
+        return device
+    try:
+        from dask.distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not on a Dask worker (--no-dask)
+        return device
+    return f"cuda:{int(name) % pin_gpus}" if isinstance(name, int) else device
+
+
+def cuda_devices(device: str) -> int:
+    """How many GPUs predict-cohort spreads over: all visible ones for ``cuda``, else 0."""
+    if str(device) != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def run_slide(task: dict[str, Any]) -> dict[str, Any]:
@@ -504,10 +535,11 @@ def _run_on_dask(tasks: list[dict[str, Any]], args: argparse.Namespace, progress
     if args.scheduler:
         client = Client(args.scheduler)
     else:
-        n = min(args.workers or default_workers(), len(tasks))
+        gpus = cuda_devices(args.device)
+        n = min(args.workers or gpus or default_workers(), len(tasks))
         threads = max(1, (os.cpu_count() or 1) // n)
         for t in tasks:
-            t["predictor"] = {**t["predictor"], "threads": threads}
+            t["predictor"] = {**t["predictor"], "threads": threads, "pin_gpus": gpus}
             t["threads"] = threads
         # A task whose worker dies is resubmitted up to ``allowed-failures`` times (``retries=``
         # only covers exceptions, which run_slide records itself); this is the scheduler's
@@ -527,7 +559,10 @@ def _run_on_dask(tasks: list[dict[str, Any]], args: argparse.Namespace, progress
             )
         client = Client(cluster)
         if not args.quiet:
-            print(f"LocalCluster: {n} worker process(es), {threads} thread(s) each")
+            print(
+                f"LocalCluster: {n} worker process(es), {threads} thread(s) each"
+                + (f", worker i on cuda:(i mod {gpus})" if gpus else "")
+            )
     loads: dict[int, int] = {}
     try:
         futures = {

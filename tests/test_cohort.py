@@ -422,3 +422,25 @@ def test_local_cluster_workers_keep_glibcs_dynamic_mmap_threshold():
     env = cohort._worker_environ(3)
     assert "MALLOC_TRIM_THRESHOLD_" not in env
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == 3
+
+
+def test_one_local_cluster_worker_per_gpu_each_on_its_own(monkeypatch):
+    # No GPU here: the pinning rule is checked with fake Dask workers.
+    from types import SimpleNamespace
+
+    import dask.distributed
+
+    assert cohort.cuda_devices("cpu") == 0 and cohort.cuda_devices("cuda:1") == 0
+    assert cohort.worker_device("cuda", 4) == "cuda"  # not on a worker (--no-dask)
+    names = iter([0, 1, 5, "tcp-worker"])
+    monkeypatch.setattr(dask.distributed, "get_worker", lambda: SimpleNamespace(name=next(names)))
+    assert [cohort.worker_device("cuda", 4) for _ in range(4)] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:1",
+        "cuda",
+    ]
+    # asked for one GPU, or a CPU, or an attached cluster (no pinning): as given
+    assert cohort.worker_device("cuda:2", 4) == "cuda:2"
+    assert cohort.worker_device("cpu", 4) == "cpu"
+    assert cohort.worker_device("cuda", 0) == "cuda"
