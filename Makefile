@@ -50,7 +50,7 @@ CROSS ?= runs/cross
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(SYNTH) --out $(DEMO)/data --style mix --supersample 2 --n-per-class-stain 300 --seed 0 \
+	$(SYNTH) --out $(DEMO)/data --style mix --supersample 2 --n-per-class-stain 600 --seed 0 \
 		--sheet $(DEMO)/contact_sheet.png
 	$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(DEMO)/train \
 		data.manifest=$(DEMO)/data/manifest.csv
@@ -91,8 +91,8 @@ demo: $(STAMP)
 # single-style training data. Two trainings: about twice the demo's time.
 cross-style: $(STAMP)
 	rm -rf $(CROSS)
-	$(SYNTH) --out $(CROSS)/data_a --style a --supersample 2 --n-per-class-stain 300 --seed 10
-	$(SYNTH) --out $(CROSS)/data_b --style b --supersample 2 --n-per-class-stain 300 --seed 11
+	$(SYNTH) --out $(CROSS)/data_a --style a --supersample 2 --n-per-class-stain 600 --seed 10
+	$(SYNTH) --out $(CROSS)/data_b --style b --supersample 2 --n-per-class-stain 600 --seed 11
 	for s in a b; do \
 		$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(CROSS)/train_$$s \
 			data.manifest=$(CROSS)/data_$$s/manifest.csv || exit 1; \
