@@ -392,7 +392,7 @@ def _record(
     rec["outputs"] = files
     run.records[i] = rec
     if not files:
-        res.label_map = None
+        res.release_maps()
         return
     job = (run.out, run.names[i], res, image, files, run.png_level, max_side)
     writes.append(pool.submit(write_outputs, *job, p.class_names, p.deposit_labels))

@@ -37,6 +37,8 @@ import numpy as np
 from calcinosis.model.labels import INDETERMINATE
 from calcinosis.model.probability import softmax
 
+from . import bigmap
+from .bigmap import StreamedMaps
 from .lesions import region_call, to_frame
 from .result import PatchResult
 from .slide import SlideRegionSource, open_slide
@@ -150,33 +152,97 @@ def predict_region(
     read as white glass, as if padded.
     """
     tissue = TissueMap(source, predictor.input_size)
-    run = TileRun(predictor, source.shape[:2])
-    for y0, x0 in run.grid:
-        run.visit(source, tissue, y0, x0, 1.0 / factor)
-    run.flush()
-    label_map, deposit_prob = _finish_maps(run, tissue, result, factor)
-    result.label_map = label_map
+    maps = _streamed_maps(predictor, source, tissue, result)
+    run = TileRun(predictor, source.shape[:2], sink=maps)
+    if maps is not None:
+        maps.tiles = run.seen_array
+    run_tiles(run, source, tissue, 1.0 / factor)
     result.tiles = run.tiles
     result.tissue_fraction = tissue.fraction
-    result.set_deposit_areas(label_map, predictor.deposit_labels)
     tile_mean = run.tile_mean()
     if tile_mean is not None:
         result.set_stain(run.stain_mean(), predictor.stain_names)
-    found = predictor.find_lesions(
-        result,
-        label_map,
-        np.asarray(run.seen_boxes, np.int64).reshape(-1, 3),
-        np.asarray(run.seen_probs, np.float64).reshape(
-            len(run.seen_boxes), len(predictor.class_names)
-        ),
-        run.seen_in_focus,
-        deposit_prob=deposit_prob,
-        fallback=tile_mean,
-    )
-    result.lesions, result.lesion_components = found.lesions, found.components
+    if maps is None:
+        _whole_map_lesions(predictor, run, tissue, result, factor, tile_mean)
+    else:
+        _streamed_lesions(predictor, run, maps, result, tile_mean)
     call = _call(predictor, result, run, tile_mean)
     result.region = _summary(predictor, result, run, tile_mean, call, 1.0 / factor)
     return result
+
+
+def run_tiles(run: TileRun, source: PixelSource, tissue: TissueMap, inv: float) -> None:
+    """Every tile of the grid through :meth:`TileRun.visit` in order, then the last batch."""
+    for y0, x0 in run.grid:
+        run.visit(source, tissue, y0, x0, inv)
+    run.flush()
+
+
+def _streamed_maps(
+    predictor: Predictor, source: PixelSource, tissue: TissueMap, result: PatchResult
+) -> StreamedMaps | None:
+    """A :class:`bigmap.StreamedMaps` for a region above ``bigmap.STREAM_MIN_PX``, else None."""
+    h, w = source.shape[:2]
+    if max(h * w, result.height * result.width) <= bigmap.STREAM_MIN_PX:
+        return None
+    return StreamedMaps(
+        (h, w),
+        (result.height, result.width),
+        len(predictor.deposit_labels),
+        outside_section(tissue.mask),
+        result.mpp,
+        lambda: np.zeros((0, 3), np.int64),
+    )
+
+
+def _whole_map_lesions(
+    predictor: Predictor,
+    run: TileRun,
+    tissue: TissueMap,
+    result: PatchResult,
+    factor: float,
+    tile_mean: np.ndarray | None,
+) -> None:
+    """Label map in memory, its areas and lesions (``lesions.find_lesions``): regions up to
+    ``bigmap.STREAM_MIN_PX`` pixels."""
+    label_map, deposit_prob = _finish_maps(run, tissue, result, factor)
+    result.label_map = label_map
+    result.set_deposit_areas(label_map, predictor.deposit_labels)
+    boxes, probs, focus = run.seen_arrays()
+    found = predictor.find_lesions(
+        result, label_map, boxes, probs, focus, deposit_prob=deposit_prob, fallback=tile_mean
+    )
+    result.lesions, result.lesion_components = found.lesions, found.components
+
+
+def _streamed_lesions(
+    predictor: Predictor,
+    run: TileRun,
+    maps: StreamedMaps,
+    result: PatchResult,
+    tile_mean: np.ndarray | None,
+) -> None:
+    """The streamed map's file, areas and band-wise lesions (``streamlesions.BandLesions``)."""
+    run.stitcher.finish()
+    file = maps.finish()
+    result.label_file = file
+    result.set_deposit_counts(maps.counts, predictor.deposit_labels)
+    _, probs, focus = run.seen_arrays()
+    found, seeds = maps.lesions.finish(
+        mpp=result.mpp,
+        class_names=predictor.class_names,
+        deposit_labels=predictor.deposit_labels,
+        tile_probs=probs,
+        tile_in_focus=focus,
+        min_area_um2=predictor.min_lesion_area_um2,
+        lesion_threshold=predictor.lesion_threshold,
+        fallback_probs=tile_mean,
+    )
+    result.lesions, result.lesion_components = found.lesions, None
+    file.outlines = [
+        (tuple(int(v) for v in les["bbox"]), seed)  # type: ignore[misc]
+        for les, seed in zip(found.lesions, seeds, strict=True)
+    ]
 
 
 # --------------------------------------------------------------------------- steps
@@ -244,14 +310,20 @@ class TileRun:
     held with their pixels, so a source is read once, in order.
     """
 
-    def __init__(self, predictor: Predictor, shape: tuple[int, int]) -> None:
+    def __init__(
+        self, predictor: Predictor, shape: tuple[int, int], sink: StreamedMaps | None = None
+    ) -> None:
         self.predictor = predictor
         s, ov = predictor.input_size, predictor.tile_overlap
         hw, ww = shape
         self.shape = (hw, ww)
         self.depth = len(predictor.deposit_labels)
-        self.deposit_prob = np.zeros((hw, ww), np.uint8)
-        self.stitcher = Stitcher((hw, ww), self.depth, s, ov, consumer=self._keep_deposit_prob)
+        # A large region's rows go to its sink (on disk); a small one keeps its maps here.
+        self.deposit_prob = np.zeros((0, 0) if sink else (hw, ww), np.uint8)
+        consumer = self._keep_deposit_prob if sink is None else sink.accept
+        self.stitcher = Stitcher(
+            (hw, ww), self.depth, s, ov, consumer=consumer, keep_maps=sink is None
+        )
         self.grid = tile_grid((max(hw, s), max(ww, s)), s, ov)
         #: One row per tile (the tile table), in region pixels.
         self.tiles: list[dict[str, Any]] = []
@@ -358,6 +430,16 @@ class TileRun:
     def stain_mean(self) -> np.ndarray | None:
         """Tissue-weighted mean stain probabilities of the in-focus tiles."""
         return self._mean(self._stains)
+
+    def seen_array(self) -> np.ndarray:
+        """The tiles the network saw so far, ``(n, 3)`` int64 rows of (y0, x0, size)."""
+        return np.asarray(self.seen_boxes, np.int64).reshape(-1, 3)
+
+    def seen_arrays(self) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """Boxes, ``(n, C)`` class probabilities and in-focus flags of the tiles seen."""
+        probs = np.asarray(self.seen_probs, np.float64)
+        probs = probs.reshape(len(self.seen_boxes), len(self.predictor.class_names))
+        return self.seen_array(), probs, self.seen_in_focus
 
     def count(self, *statuses: str) -> int:
         return sum(1 for t in self.tiles if t.get("status") in statuses)

@@ -110,7 +110,9 @@ class Stitcher:
     ``(H, W, D)``, only with ``keep_probs=True``), :attr:`coverage` (bool, which
     pixels any tile covered) and per-label pixel counts :attr:`label_counts`.
     A custom ``consumer(y0, probs_rows, weight_rows)`` may be given to receive
-    the normalised rows instead of (in addition to) the built-in ones.
+    the normalised rows instead of (in addition to) the built-in ones; with
+    ``keep_maps=False`` the consumer is all there is (no label map, coverage
+    or counts are kept: a large region's consumer writes them to disk).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class Stitcher:
         probs_dtype: np.dtype | type = np.float16,
         fill_label: int = 0,
         consumer: RowsConsumer | None = None,
+        keep_maps: bool = True,
     ) -> None:
         self.height, self.width = int(shape[0]), int(shape[1])
         self.depth = int(depth)
@@ -136,8 +139,11 @@ class Stitcher:
         self._wsum = np.zeros((self.tile, self.width), dtype=np.float32)
         self._top = 0
         self._done = False
-        self.label_map = np.full((self.height, self.width), self.fill_label, dtype=np.uint8)
-        self.coverage = np.zeros((self.height, self.width), dtype=bool)
+        # Without keep_maps (a large region streamed by its consumer) neither is held.
+        shape = (self.height, self.width) if keep_maps else (0, 0)
+        self.label_map = np.full(shape, self.fill_label, dtype=np.uint8)
+        self.coverage = np.zeros(shape, dtype=bool)
+        self.keep_maps = keep_maps
         self.probs: np.ndarray | None = (
             np.zeros((self.height, self.width, self.depth), dtype=probs_dtype)
             if keep_probs
@@ -225,10 +231,11 @@ class Stitcher:
 
     def _emit(self, top: int, probs: np.ndarray, wsum: np.ndarray, covered: np.ndarray) -> None:
         n = probs.shape[0]
-        labels = probs.argmax(axis=-1).astype(np.uint8)
-        self.label_map[top : top + n] = labels
-        self.coverage[top : top + n] = covered
-        self.label_counts += label_histogram(labels, self.depth)
+        if self.keep_maps:
+            labels = probs.argmax(axis=-1).astype(np.uint8)
+            self.label_map[top : top + n] = labels
+            self.coverage[top : top + n] = covered
+            self.label_counts += label_histogram(labels, self.depth)
         if self.probs is not None:
             self.probs[top : top + n] = probs
         if self.consumer is not None:
