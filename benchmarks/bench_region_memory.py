@@ -63,16 +63,23 @@ def make_checkpoint(path: Path, input_size: int) -> Path:
     return save_checkpoint(path, model, meta)
 
 
-def _tiles(block: np.ndarray, side: int) -> Iterator[np.ndarray]:
-    """The slide's tiles, row-major: tile (r, c) of the block repeated without end."""
+def _tiles(block: np.ndarray, side: int, every: int) -> Iterator[np.ndarray]:
+    """The slide's tiles, row-major: the block repeated, on glass but every ``every``-th block."""
     b = block.shape[0]
+    glass = np.full((TILE, TILE, 3), 255, np.uint8)
     for y in range(0, side, TILE):
         for x in range(0, side, TILE):
-            yield block[y % b : y % b + TILE, x % b : x % b + TILE]
+            tissue = (y // b) % every == 0 and (x // b) % every == 0
+            yield block[y % b : y % b + TILE, x % b : x % b + TILE] if tissue else glass
 
 
-def make_slide(path: Path, side: int, block_side: int, seed: int = 3) -> Path:
-    """A ``side``-px square pyramidal TIFF (levels /4, /16, ... in SubIFDs) at :data:`MPP`."""
+def make_slide(path: Path, side: int, block_side: int, every: int = 1, seed: int = 3) -> Path:
+    """A ``side``-px square pyramidal TIFF (levels /4, /16, ... in SubIFDs) at :data:`MPP`.
+
+    With ``every`` > 1 only one block in ``every`` x ``every`` is tissue, the
+    rest glass (never sent to the network): the maps stay full-size while the
+    network's share of the run shrinks, for a quick memory check.
+    """
     import cv2
     import tifffile
 
@@ -90,7 +97,7 @@ def make_slide(path: Path, side: int, block_side: int, seed: int = 3) -> Path:
     res = 1e4 / MPP  # pixels per centimetre
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         tw.write(
-            _tiles(blocks[0], side),
+            _tiles(blocks[0], side, every),
             shape=(side, side, 3),
             subifds=len(blocks) - 1,
             resolution=(res, res),
@@ -98,7 +105,9 @@ def make_slide(path: Path, side: int, block_side: int, seed: int = 3) -> Path:
             **opts,
         )
         for b, s in zip(blocks[1:], sides[1:], strict=True):
-            tiled = np.tile(b, (-(-s // b.shape[0]), -(-s // b.shape[1]), 1))[:s, :s]
+            cell = np.full((b.shape[0] * every, b.shape[1] * every, 3), 255, np.uint8)
+            cell[: b.shape[0], : b.shape[1]] = b
+            tiled = np.tile(cell, (-(-s // cell.shape[0]), -(-s // cell.shape[1]), 1))[:s, :s]
             tw.write(tiled, subfiletype=1, **opts)
     return path
 
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--side", type=int, default=40000, help="region side, px (default 40000)")
     ap.add_argument("--block", type=int, default=2048, help="side of the repeated synthetic block")
+    ap.add_argument("--tissue-every", type=int, default=1, help="tissue in 1 block of N x N")
     ap.add_argument("--checkpoint", type=Path, help="default: a tiny random resnet10t at 2 um/px")
     ap.add_argument("--input-size", type=int, default=256, help="the made-up checkpoint's input")
     ap.add_argument("--keep", type=Path, help="work folder kept between runs (slide reused)")
@@ -128,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-region-") as td:
         work = args.keep or Path(td)
         work.mkdir(parents=True, exist_ok=True)
-        slide = work / f"slide-{args.side}-{args.block}.tif"
+        slide = work / f"slide-{args.side}-{args.block}-{args.tissue_every}.tif"
         if not slide.exists():
             t0 = time.perf_counter()
-            make_slide(slide.with_suffix(".part.tif"), args.side, args.block).rename(slide)
+            part = slide.with_suffix(".part.tif")
+            make_slide(part, args.side, args.block, args.tissue_every).rename(slide)
             print(f"slide: {slide} written in {time.perf_counter() - t0:.0f} s", flush=True)
         ckpt = args.checkpoint or work / f"tiny-{args.input_size}.safetensors"
         if not ckpt.exists():

@@ -40,6 +40,7 @@ from calcinosis.model.probability import softmax
 from . import bigmap
 from .bigmap import StreamedMaps
 from .lesions import region_call, to_frame
+from .prefetch import run_tiles_prefetched
 from .result import PatchResult
 from .slide import SlideRegionSource, open_slide
 from .tiling import PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: Region tissue detection runs on a thumbnail whose longer side is at most this.
 TISSUE_THUMB_SIDE = 2048
+#: Read a region's tiles in a thread while the network runs (``prefetch``).
+PREFETCH = True
 
 
 # --------------------------------------------------------------------------- entry points
@@ -156,7 +159,7 @@ def predict_region(
     run = TileRun(predictor, source.shape[:2], sink=maps)
     if maps is not None:
         maps.tiles = run.seen_array
-    run_tiles(run, source, tissue, 1.0 / factor)
+    run_tiles(run, source, tissue, 1.0 / factor, result.path)
     result.tiles = run.tiles
     result.tissue_fraction = tissue.fraction
     tile_mean = run.tile_mean()
@@ -171,8 +174,22 @@ def predict_region(
     return result
 
 
-def run_tiles(run: TileRun, source: PixelSource, tissue: TissueMap, inv: float) -> None:
-    """Every tile of the grid through :meth:`TileRun.visit` in order, then the last batch."""
+def run_tiles(
+    run: TileRun,
+    source: PixelSource,
+    tissue: TissueMap,
+    inv: float,
+    name: str | None = None,
+    prefetch: bool | None = None,
+) -> None:
+    """Every tile of the grid in order, read in a thread (``prefetch``) or in turn.
+
+    Both give the same tiles, batches and results; the thread lets reading and
+    resampling overlap the network. ``prefetch`` defaults to :data:`PREFETCH`.
+    """
+    if PREFETCH if prefetch is None else prefetch:
+        run_tiles_prefetched(run, source, tissue, inv, name)
+        return
     for y0, x0 in run.grid:
         run.visit(source, tissue, y0, x0, inv)
     run.flush()
@@ -344,6 +361,18 @@ class TileRun:
 
     def visit(self, source: PixelSource, tissue: TissueMap, y0: int, x0: int, inv: float) -> None:
         """Check the tile at ``(y0, x0)``: glass is skipped, tissue queued for the network."""
+        row, tile_img = self.check(source, tissue, y0, x0, inv)
+        self.tiles.append(row)
+        if tile_img is None:
+            return
+        self._todo.append((row, y0, x0, tile_img))
+        if len(self._todo) >= self.predictor.batch_size:
+            self.flush()
+
+    def check(
+        self, source: PixelSource, tissue: TissueMap, y0: int, x0: int, inv: float
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The tile's row of the tile table, and its pixels unless it is glass (never read)."""
         p, s = self.predictor, self.predictor.input_size
         tf = tissue.tile_fraction(y0, x0)
         row: dict[str, Any] = {
@@ -352,35 +381,43 @@ class TileRun:
             "size": int(round(s * inv)),
             "tissue_fraction": tf,
         }
-        self.tiles.append(row)
         if tf < p.min_tissue_fraction:
             row.update(status="no_tissue", prediction=None)
-            return
+            return row, None
         tile_img = source.read(y0, x0, s, s)
         foc = focus_measure(tile_img, tissue.tile_mask(y0, x0))
         row["focus"] = foc
         row["status"] = (
             "out_of_focus" if p.focus_threshold is not None and foc < p.focus_threshold else "ok"
         )
-        self._todo.append((row, y0, x0, tile_img))
-        if len(self._todo) >= p.batch_size:
-            self.flush()
+        return row, tile_img
 
     def flush(self) -> None:
         """Run the queued tiles through the network and stitch their deposit maps."""
         if not self._todo:
             return
+        todo, self._todo = self._todo, []
+        self.run_batch(todo, self.preprocess(todo))
+
+    def preprocess(self, todo: list[tuple[dict[str, Any], int, int, np.ndarray]]) -> np.ndarray:
+        """The network's input batch for queued tiles (``Preprocessing.apply`` each)."""
+        return np.stack([self.predictor.preprocessing.apply(t[3])[0] for t in todo])
+
+    def run_batch(
+        self, todo: list[tuple[dict[str, Any], int, int, np.ndarray]], batch: np.ndarray | None
+    ) -> None:
+        """Tiles and their prepared batch through the network; their maps into the stitcher."""
+        if not todo:
+            return
         p = self.predictor
-        batch = np.stack([p.preprocessing.apply(t[3])[0] for t in self._todo])
         cls_l, stain_l, dep_l = p.infer(batch, p.region_tta)
         probs = p.calibrated(cls_l, p.region_tta)
         stain_p = softmax(np.asarray(stain_l, np.float32), axis=-1)
         dep = softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)
-        for j, (row, y, x, _) in enumerate(self._todo):
+        for j, (row, y, x, _) in enumerate(todo):
             tile_map = np.ascontiguousarray(dep[j])
             self.stitcher.add(y, x, tile_map)
             self._record(row, probs[j], stain_p[j], tile_map, y, x)
-        self._todo.clear()
 
     def _record(
         self,
