@@ -71,14 +71,12 @@ class BandLesions:
         )
         base = len(self._parent) - 1  # band component j -> global id base + j
         self._parent.extend(range(base + 1, base + n))
-        gid = comp.astype(np.int64)
-        gid[comp > 0] += base
         if self._last_row is not None and n > 1:
-            self._join(self._last_row, gid[0])
+            self._join(self._last_row, _global(comp[0], base))
         if n > 1:
             self._band_sums(labels, deposit_prob, comp, stats)
             self._tile_counts(comp, base, boxes, n_rows)
-        self._last_row = gid[-1].copy()
+        self._last_row = _global(comp[-1], base)
         self._top += n_rows
 
     def _join(self, above: np.ndarray, below: np.ndarray) -> None:
@@ -268,3 +266,10 @@ class BandLesions:
         np.add.at(wsum, (slot, pairs[:, 1]), cnt)
         np.add.at(ntiles, pairs[:, 1], 1)
         return acc, wsum, ntiles
+
+
+def _global(row: np.ndarray, base: int) -> np.ndarray:
+    """A row of band component indices as global ids (0 stays background)."""
+    out = row.astype(np.int64)
+    out[out > 0] += base
+    return out
