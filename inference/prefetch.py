@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .region import TileRun, TissueMap
+    from .region import TissueMap
+    from .tilerun import TileRun
     from .tiling import PixelSource
 
 __all__ = ["QUEUE_BATCHES", "run_tiles_prefetched"]
