@@ -96,6 +96,9 @@ def blend_weights(tile: int, overlap: int) -> np.ndarray:
 
 RowsConsumer = Callable[[int, np.ndarray, np.ndarray], None]
 
+#: A stitcher's flush normalises at most about this many bytes of float32 rows at once.
+EMIT_BYTES = 32_000_000
+
 
 class Stitcher:
     """Blend per-tile maps ``(tile, tile, D)`` into an ``(H, W)`` result, band by band.
@@ -134,6 +137,9 @@ class Stitcher:
         self.window = blend_weights(self.tile, overlap)
         self.fill_label = int(fill_label)
         self.consumer = consumer
+        #: Rows normalised and handed on at once: bounds the float temporaries of a
+        #: flush to ``emit_rows x W x D`` (26 MB at W = 40000, D = 5) whatever the tile.
+        self.emit_rows = max(1, EMIT_BYTES // max(1, self.width * self.depth * 4))
         # Rolling band: rows [self._top, self._top + tile) of the image.
         self._acc = np.zeros((self.tile, self.width, self.depth), dtype=np.float32)
         self._wsum = np.zeros((self.tile, self.width), dtype=np.float32)
@@ -200,16 +206,19 @@ class Stitcher:
             return
         top = self._top
         nb = min(n, self.tile)
-        acc = self._acc[:nb]
-        wsum = self._wsum[:nb]
-        covered = wsum > 0
-        probs = np.zeros_like(acc)
-        np.divide(acc, wsum[..., None], out=probs, where=covered[..., None])
-        probs[~covered, self.fill_label] = 1.0
-        self._emit(top, probs, wsum, covered)
+        step = self.emit_rows
+        for r0 in range(0, nb, step):  # normalised a few rows at a time: small temporaries
+            r1 = min(nb, r0 + step)
+            acc = self._acc[r0:r1]
+            wsum = self._wsum[r0:r1]
+            covered = wsum > 0
+            probs = np.zeros_like(acc)
+            np.divide(acc, wsum[..., None], out=probs, where=covered[..., None])
+            probs[~covered, self.fill_label] = 1.0
+            self._emit(top + r0, probs, wsum, covered)
         if n > nb:  # rows no tile reached at all (blank glass), a band at a time:
             # one (gap, W, D) float array would be 8 GB for a blank 20000 x 20000 scan.
-            rows = min(n - nb, self.tile)
+            rows = min(n - nb, step)
             empty = np.zeros((rows, self.width, self.depth), dtype=np.float32)
             empty[..., self.fill_label] = 1.0
             zero_w = np.zeros((rows, self.width), dtype=np.float32)
