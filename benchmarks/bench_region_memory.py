@@ -3,6 +3,8 @@
     python benchmarks/bench_region_memory.py                    # 40000 x 40000 px at 2 um/px
     python benchmarks/bench_region_memory.py --side 12000 --keep /tmp/bench-region
     python benchmarks/bench_region_memory.py --checkpoint runs/demo/best.safetensors
+    python benchmarks/bench_region_memory.py --side 40000 --tissue-every 4   # quicker
+    python benchmarks/bench_region_memory.py --side 4096 --serial            # no reader thread
 
 The slide is a pyramidal tiled TIFF made here: one synthetic region
 (``training.synthetic.render_region``, ``--block`` px a side, tissue, deposits
@@ -112,10 +114,19 @@ def make_slide(path: Path, side: int, block_side: int, every: int = 1, seed: int
     return path
 
 
-def predict(slide: Path, ckpt: Path, out: Path, extra: list[str]) -> tuple[float, int, dict]:
-    """``calcinosis predict`` in a child: seconds, the child's peak RSS (bytes), its record."""
-    cmd = [sys.executable, "-c", "import sys; from calcinosis.model.cli import main; "
-           "sys.exit(main(sys.argv[1:]))", "predict", str(slide), "--checkpoint", str(ckpt),
+def predict(
+    slide: Path, ckpt: Path, out: Path, extra: list[str], prefetch: bool = True
+) -> tuple[float, int, dict]:
+    """``calcinosis predict`` in a child: seconds, the child's peak RSS (bytes), its record.
+
+    ``prefetch=False`` reads the tiles in turn (``region.PREFETCH``), for comparison.
+    """
+    code = (
+        "import sys; import calcinosis.inference.region as r; "
+        f"r.PREFETCH = {bool(prefetch)}; "
+        "from calcinosis.model.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, "predict", str(slide), "--checkpoint", str(ckpt),
            "--out", str(out), "--level", "0", "--quiet", *extra]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="default: a tiny random resnet10t at 2 um/px")
     ap.add_argument("--input-size", type=int, default=256, help="the made-up checkpoint's input")
     ap.add_argument("--keep", type=Path, help="work folder kept between runs (slide reused)")
+    ap.add_argument("--serial", action="store_true", help="read tiles in turn (no reader thread)")
     ap.add_argument("predict_args", nargs="*", help="more `calcinosis predict` options, after --")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-region-") as td:
@@ -148,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt.exists():
             make_checkpoint(ckpt, args.input_size)
         out = work / f"out-{args.side}-{time.strftime('%H%M%S')}"
-        secs, rss, rec = predict(slide, ckpt, out, args.predict_args)
+        secs, rss, rec = predict(slide, ckpt, out, args.predict_args, not args.serial)
     region = rec.get("region") or {}
     net = int(region.get("tissue_tiles", 0))
-    print(f"region {args.side} x {args.side} px at {MPP} um/px, level 0")
+    how = "tiles read in turn" if args.serial else "tiles read by a reader thread"
+    print(f"region {args.side} x {args.side} px at {MPP} um/px, level 0; {how}")
     print(f"tiles: {region.get('tiles')} in all, {net} through the network")
     print(f"seconds: {secs:.1f}   network tiles/s: {net / secs:.1f}")
     print(f"peak RSS: {rss / 2**20:.0f} MiB")
