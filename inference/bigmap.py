@@ -54,8 +54,9 @@ class LabelMapFile:
     """A uint8 ``(H, W)`` label map as raw rows in a scratch file, plus its small copy.
 
     Rows are appended in order (:meth:`append`); :meth:`window` reads any
-    rectangle back. The folder is removed by :meth:`close` (or when the object
-    is collected), so an interrupted run leaves nothing behind for long.
+    rectangle back. The scratch file is unlinked as soon as it is open; the
+    folder (holding the TIFF until it is moved) is removed by :meth:`close` or
+    when the object is collected.
     """
 
     def __init__(self, shape: tuple[int, int], mpp: float | None) -> None:
@@ -63,7 +64,11 @@ class LabelMapFile:
         self.mpp = mpp
         self.folder = Path(tempfile.mkdtemp(prefix="calcinosis-map-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
-        self._fd = os.open(self.folder / "labels.raw", os.O_RDWR | os.O_CREAT, 0o600)
+        raw = self.folder / "labels.raw"
+        self._fd = os.open(raw, os.O_RDWR | os.O_CREAT, 0o600)
+        # Only the descriptor is used: unlinked now, its space is freed when the process
+        # ends, even killed (a cohort worker killed mid-slide leaves no 1.6 GB file).
+        raw.unlink()
         self._close_fd = weakref.finalize(self, os.close, self._fd)
         self.rows = 0
         self.step = max(1, math.ceil(max(self.height, self.width) / THUMB_SIDE))
