@@ -3,7 +3,8 @@
 Outputs under ``--out``::
 
     slides/<name>/           what ``predict`` writes for that one slide (predictions.csv,
-                             predictions.json, overlays/, geojson/, tiles/, lesions/)
+                             predictions.json, overlays/, geojson/, tiles/, lesions/,
+                             maps/ for regions over 8192^2 px)
     slides/<name>/done.json  the done-marker: checkpoint sha256, options, status, seconds
     cohort.csv               one row per slide of the cohort, rebuilt from the folders
     cohort.json              the same, with the run's settings

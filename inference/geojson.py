@@ -173,41 +173,91 @@ def lesion_features(
         geom = _component_geometry(comp, ci, (x, y, w, h), min_px, (ox, oy), s)
         if geom is None:
             continue
-        lab = int(les.get("label_value", 0))
-        display = labels.get(lab, str(les.get("label", lab)))
-        area_px = count * px_area
-        meas: dict[str, float] = {"Area px^2": float(area_px)}
-        if mpp is not None and mpp > 0:
-            meas["Area µm^2"] = float(area_px * mpp * mpp)
-        if les.get("confidence") is not None:
-            meas["Confidence"] = float(les["confidence"])
-        if les.get("deposit_probability") is not None:
-            meas["Deposit probability"] = float(les["deposit_probability"])
-        for c, p in (les.get("probabilities") or {}).items():
-            meas[f"Prob {c}"] = float(p)
-        for name, f in (les.get("label_fractions") or {}).items():
-            meas[f"Fraction {name}"] = float(f)
-        meas["area_px"] = meas["Area px^2"]
-        if "Area µm^2" in meas:
-            meas["area_um2"] = meas["Area µm^2"]
-        props: dict[str, Any] = {
-            "objectType": "annotation",
-            "name": f"{display} {les.get('id')}",
-            "classification": {
-                "name": display,
-                "color": [int(c) for c in colors.get(lab, (128, 128, 128))],
-            },
-            "measurements": meas,
-            "label": lab,
-            "lesion_id": les.get("id"),
-            "lesion_class": les.get("prediction"),
-            "passed": bool(les.get("passed")),
-        }
-        if properties:
-            props.update(properties)
-        features.append({"type": "Feature", "geometry": _geometry_json(geom), "properties": props})
+        features.append(
+            _lesion_feature(les, geom, count * px_area, mpp, labels, colors, properties)
+        )
     del comp
     return features
+
+
+def file_lesion_features(
+    label_file: Any,
+    lesions: list[Mapping[str, Any]],
+    mpp: float | None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    properties: Mapping[str, Any] | None = None,
+    *,
+    labels: Mapping[int, str] = DEPOSIT_DISPLAY,
+    colors: Mapping[int, tuple[int, int, int]] = DEPOSIT_COLORS,
+    min_hole_px: int = MIN_AREA_PX,
+) -> list[dict[str, Any]]:
+    """:func:`lesion_features` for a large region's map on disk (``bigmap.LabelMapFile``).
+
+    Each lesion's window is read back from the file and labelled on its own:
+    every path between two of a lesion's pixels runs through its pixels, all
+    inside its bounding box, so within the window the lesion is exactly the
+    component under its seed pixel (``label_file.outlines``). Memory: one
+    window at a time, never the map.
+    """
+    ox, oy, s = float(offset[0]), float(offset[1]), float(scale)
+    min_px = max(1.0, float(min_hole_px) / (s * s))
+    features: list[dict[str, Any]] = []
+    for les, ((x, y, w, h), (sx, sy)) in zip(lesions, label_file.outlines, strict=True):
+        win = label_file.window(x, y, w, h)
+        _, comp = cv2.connectedComponents(win, connectivity=8, ltype=cv2.CV_32S)
+        ci = int(comp[sy - y, sx - x])
+        count = int(np.count_nonzero(comp == ci))
+        geom = _component_geometry(comp, ci, (0, 0, w, h), min_px, (x * s + ox, y * s + oy), s)
+        if geom is not None:
+            features.append(
+                _lesion_feature(les, geom, count * s * s, mpp, labels, colors, properties)
+            )
+    return features
+
+
+def _lesion_feature(
+    les: Mapping[str, Any],
+    geom: Any,
+    area_px: float,
+    mpp: float | None,
+    labels: Mapping[int, str],
+    colors: Mapping[int, tuple[int, int, int]],
+    properties: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """One lesion's QuPath annotation: its outline, class, colour and measurements."""
+    lab = int(les.get("label_value", 0))
+    display = labels.get(lab, str(les.get("label", lab)))
+    meas: dict[str, float] = {"Area px^2": float(area_px)}
+    if mpp is not None and mpp > 0:
+        meas["Area µm^2"] = float(area_px * mpp * mpp)
+    if les.get("confidence") is not None:
+        meas["Confidence"] = float(les["confidence"])
+    if les.get("deposit_probability") is not None:
+        meas["Deposit probability"] = float(les["deposit_probability"])
+    for c, p in (les.get("probabilities") or {}).items():
+        meas[f"Prob {c}"] = float(p)
+    for name, f in (les.get("label_fractions") or {}).items():
+        meas[f"Fraction {name}"] = float(f)
+    meas["area_px"] = meas["Area px^2"]
+    if "Area µm^2" in meas:
+        meas["area_um2"] = meas["Area µm^2"]
+    props: dict[str, Any] = {
+        "objectType": "annotation",
+        "name": f"{display} {les.get('id')}",
+        "classification": {
+            "name": display,
+            "color": [int(c) for c in colors.get(lab, (128, 128, 128))],
+        },
+        "measurements": meas,
+        "label": lab,
+        "lesion_id": les.get("id"),
+        "lesion_class": les.get("prediction"),
+        "passed": bool(les.get("passed")),
+    }
+    if properties:
+        props.update(properties)
+    return {"type": "Feature", "geometry": _geometry_json(geom), "properties": props}
 
 
 def feature_collection(

@@ -256,7 +256,60 @@ def find_lesions(
             wsum[slot, ids] += cnt
             ntiles[ids] += 1
     del comp, lut
-    acc, wsum, ntiles = acc[:, 1:], wsum[:, 1:], ntiles[1:]
+    return lesion_records(
+        LesionSums(kstats, cents[keep], hist, psum, acc[:, 1:], wsum[:, 1:], ntiles[1:]),
+        keep,
+        mpp=mpp,
+        class_names=class_names,
+        deposit_labels=deposit_labels,
+        depth=depth,
+        lesion_threshold=lesion_threshold,
+        fallback_probs=fallback_probs,
+    )
+
+
+@dataclass
+class LesionSums:
+    """What a lesion's record is computed from, for ``k`` lesions (whole map or band-wise).
+
+    ``stats``: ``(k, 5)`` int64 x, y, w, h, area; ``centroids``: ``(k, 2)`` mean
+    pixel (x, y) without the half-pixel shift; ``hist``: ``(k, depth)`` pixels
+    per label; ``psum``: summed deposit probability (None without one); ``acc``
+    ``(2, k, C)`` / ``wsum`` ``(2, k)``: pixel-weighted tile probabilities and
+    pixel counts in in-focus [0] and out-of-focus [1] tiles; ``ntiles``: tiles
+    each lesion touches.
+    """
+
+    stats: np.ndarray
+    centroids: np.ndarray
+    hist: np.ndarray
+    psum: np.ndarray | None
+    acc: np.ndarray
+    wsum: np.ndarray
+    ntiles: np.ndarray
+
+
+def lesion_records(
+    sums: LesionSums,
+    tiebreak: np.ndarray,
+    *,
+    mpp: float | None,
+    class_names: Sequence[str],
+    deposit_labels: Sequence[str],
+    depth: int,
+    lesion_threshold: float,
+    fallback_probs: np.ndarray | Sequence[float] | None,
+) -> Lesions:
+    """Lesion records from their sums, strongest first (ties by ``tiebreak``, kept as components).
+
+    Shared by :func:`find_lesions` (whole map; the tiebreak is the OpenCV
+    component index) and the band-wise finder (``streamlesions``), so both
+    make the same records from the same sums.
+    """
+    out = Lesions()
+    kstats, hist, psum = sums.stats, sums.hist, sums.psum
+    acc, wsum, ntiles = sums.acc, sums.wsum, sums.ntiles
+    k, n_cls = int(kstats.shape[0]), len(class_names)
 
     # Per-lesion values, all lesions at once.
     in_focus = wsum[0] > 0
@@ -294,9 +347,9 @@ def find_lesions(
     labels = np.argmax(hist[:, 1:], axis=1) + 1
     fracs = hist[:, 1:] / np.maximum(1, hist[:, 1:].sum(1, keepdims=True))
     label_names = [_label_name(deposit_labels, j) for j in range(depth)]
-    order = sorted(range(k), key=lambda i: (-evidence[i], int(keep[i])))
+    order = sorted(range(k), key=lambda i: (-evidence[i], int(tiebreak[i])))
 
-    P_l, fr_l, cen_l = P.tolist(), fracs.tolist(), (cents[keep] + 0.5).tolist()
+    P_l, fr_l, cen_l = P.tolist(), fracs.tolist(), (sums.centroids + 0.5).tolist()
     box_l, top_l, lab_l = kstats[:, :4].tolist(), top.tolist(), labels.tolist()
     conf_l, share_l, ev_l = conf.tolist(), share.tolist(), evidence.tolist()
     area_l = area.tolist()
@@ -327,7 +380,7 @@ def find_lesions(
         rec["passed"] = bool(passed[i])
         rec["evidence"] = ev_l[i]
         out.lesions.append(rec)
-        out.components.append(int(keep[i]))
+        out.components.append(int(tiebreak[i]))
     return out
 
 

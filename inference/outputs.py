@@ -142,9 +142,12 @@ def planned_files(
     out: Path, name: str, res: PatchResult, overlays: bool, geojson: bool
 ) -> dict[str, str]:
     """Relative output paths for one result (nothing for unreadable inputs)."""
-    if res.status == "error" or res.label_map is None:
+    if res.status == "error" or (res.label_map is None and res.label_file is None):
         return {}
     files = {}
+    if res.label_file is not None:
+        # A large region's label map: the pyramidal TIFF (``bigmap``), not held in memory.
+        files["label_map"] = f"maps/{name}.ome.tif"
     if overlays:
         files["overlay"] = f"overlays/{name}.png"
     if geojson:
@@ -180,9 +183,11 @@ def write_outputs(
     from .lesions import lesion_columns, lesion_row
 
     try:
+        if "label_map" in files and res.label_file is not None:
+            res.label_file.save_tiff(out / files["label_map"])
         if "overlay" in files and isinstance(rgb, np.ndarray):
             write_overlay_png(out / files["overlay"], res, rgb, name, png_level, max_side)
-        if "geojson" in files and res.label_map is not None:
+        if "geojson" in files and (res.label_map is not None or res.label_file is not None):
             write_result_geojson(out / files["geojson"], res, name)
         if "tiles" in files and res.tiles is not None:
             keys: list[str] = []
@@ -195,7 +200,7 @@ def write_outputs(
             rows = [{k: _cell(v) for k, v in lesion_row(les).items()} for les in res.lesions]
             write_csv(out / files["lesions"], cols, rows)
     finally:
-        res.label_map = None  # free the map as soon as its files are written
+        res.release_maps()  # free the map as soon as its files are written
 
 
 def write_overlay_png(
@@ -212,6 +217,8 @@ def write_overlay_png(
     from .overlay import MAX_SIDE, render_overlay, write_overlay
 
     lm, slide = res.label_map, res.slide
+    if lm is None and res.label_file is not None:
+        lm = res.label_file.thumbnail  # a large region's map, subsampled (``bigmap``)
     title = Path(res.path or name).name
     if slide:
         title += f"  level {slide['level']}, region {','.join(map(str, slide['region']))}"
@@ -237,10 +244,15 @@ def write_overlay_png(
 
 def write_result_geojson(path: Path, res: PatchResult, name: str) -> None:
     """One QuPath annotation per lesion (or per deposit), in a slide's level-0 frame for slides."""
-    from .geojson import feature_collection, label_map_to_features, lesion_features, write_geojson
+    from .geojson import (
+        feature_collection,
+        file_lesion_features,
+        label_map_to_features,
+        lesion_features,
+        write_geojson,
+    )
 
     lm, slide = res.label_map, res.slide
-    assert lm is not None
     mpp, offset, scale = res.mpp, (0.0, 0.0), 1.0
     if slide:
         # Label-map pixels (of the level read) -> the slide's level-0 pixels.
@@ -252,7 +264,9 @@ def write_result_geojson(path: Path, res: PatchResult, name: str) -> None:
         "scale": scale,
         "properties": {"source": Path(res.path or name).name},
     }
-    if res.lesions is not None and res.lesion_components is not None:
+    if lm is None:
+        feats = file_lesion_features(res.label_file, res.lesions or [], mpp, **frame)
+    elif res.lesions is not None and res.lesion_components is not None:
         feats = lesion_features(lm, res.lesions, res.lesion_components, mpp, **frame)
     else:
         feats = label_map_to_features(lm, mpp, **frame)

@@ -8,6 +8,8 @@ Outputs under ``--out``::
     geojson/<name>.geojson one QuPath annotation per lesion (File > Import objects)
     tiles/<name>.csv       for tiled regions: one row per tile
     lesions/<name>.csv     for tiled regions: one row per lesion (``lesions.lesion_columns``)
+    maps/<name>.ome.tif    for regions over 8192^2 px: the deposit label map as a pyramidal
+                           OME-TIFF (``bigmap``; uint8, 0 none, 1 calcium, 2 bone, 3 urate, 4 amyloid)
 
 A tiled region is called by its lesions (see :mod:`calcinosis.inference.lesions`):
 ``prediction`` is the class of its strongest lesions, ``also_present`` the
@@ -392,7 +394,7 @@ def _record(
     rec["outputs"] = files
     run.records[i] = rec
     if not files:
-        res.label_map = None
+        res.release_maps()
         return
     job = (run.out, run.names[i], res, image, files, run.png_level, max_side)
     writes.append(pool.submit(write_outputs, *job, p.class_names, p.deposit_labels))

@@ -34,14 +34,15 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from calcinosis.model.labels import INDETERMINATE
-from calcinosis.model.probability import softmax
-
+from . import bigmap
+from .bigmap import StreamedMaps
 from .lesions import region_call, to_frame
+from .prefetch import run_tiles_prefetched
 from .result import PatchResult
 from .slide import SlideRegionSource, open_slide
-from .tiling import PixelSource, ResampledSource, Stitcher, label_histogram, tile_grid
-from .tissue import focus_measure, outside_section, tissue_mask
+from .tilerun import TileRun
+from .tiling import PixelSource, ResampledSource
+from .tissue import outside_section, tissue_mask
 
 if TYPE_CHECKING:
     from .predictor import Predictor
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Region tissue detection runs on a thumbnail whose longer side is at most this.
 TISSUE_THUMB_SIDE = 2048
+#: Read a region's tiles in a thread while the network runs (``prefetch``).
+PREFETCH = True
 
 
 # --------------------------------------------------------------------------- entry points
@@ -150,33 +153,111 @@ def predict_region(
     read as white glass, as if padded.
     """
     tissue = TissueMap(source, predictor.input_size)
-    run = TileRun(predictor, source.shape[:2])
-    for y0, x0 in run.grid:
-        run.visit(source, tissue, y0, x0, 1.0 / factor)
-    run.flush()
-    label_map, deposit_prob = _finish_maps(run, tissue, result, factor)
-    result.label_map = label_map
+    maps = _streamed_maps(predictor, source, tissue, result)
+    run = TileRun(predictor, source.shape[:2], sink=maps)
+    if maps is not None:
+        maps.tiles = run.seen_array
+    run_tiles(run, source, tissue, 1.0 / factor, result.path)
     result.tiles = run.tiles
     result.tissue_fraction = tissue.fraction
-    result.set_deposit_areas(label_map, predictor.deposit_labels)
     tile_mean = run.tile_mean()
     if tile_mean is not None:
         result.set_stain(run.stain_mean(), predictor.stain_names)
-    found = predictor.find_lesions(
-        result,
-        label_map,
-        np.asarray(run.seen_boxes, np.int64).reshape(-1, 3),
-        np.asarray(run.seen_probs, np.float64).reshape(
-            len(run.seen_boxes), len(predictor.class_names)
-        ),
-        run.seen_in_focus,
-        deposit_prob=deposit_prob,
-        fallback=tile_mean,
-    )
-    result.lesions, result.lesion_components = found.lesions, found.components
+    if maps is None:
+        _whole_map_lesions(predictor, run, tissue, result, factor, tile_mean)
+    else:
+        _streamed_lesions(predictor, run, maps, result, tile_mean)
     call = _call(predictor, result, run, tile_mean)
     result.region = _summary(predictor, result, run, tile_mean, call, 1.0 / factor)
     return result
+
+
+def run_tiles(
+    run: TileRun,
+    source: PixelSource,
+    tissue: TissueMap,
+    inv: float,
+    name: str | None = None,
+    prefetch: bool | None = None,
+) -> None:
+    """Every tile of the grid in order, read in a thread (``prefetch``) or in turn.
+
+    Both give the same tiles, batches and results; the thread lets reading and
+    resampling overlap the network. ``prefetch`` defaults to :data:`PREFETCH`.
+    """
+    if PREFETCH if prefetch is None else prefetch:
+        run_tiles_prefetched(run, source, tissue, inv, name)
+        return
+    for y0, x0 in run.grid:
+        run.visit(source, tissue, y0, x0, inv)
+    run.flush()
+
+
+def _streamed_maps(
+    predictor: Predictor, source: PixelSource, tissue: TissueMap, result: PatchResult
+) -> StreamedMaps | None:
+    """A :class:`bigmap.StreamedMaps` for a region above ``bigmap.STREAM_MIN_PX``, else None."""
+    h, w = source.shape[:2]
+    if max(h * w, result.height * result.width) <= bigmap.STREAM_MIN_PX:
+        return None
+    return StreamedMaps(
+        (h, w),
+        (result.height, result.width),
+        len(predictor.deposit_labels),
+        outside_section(tissue.mask),
+        result.mpp,
+        lambda: np.zeros((0, 3), np.int64),
+    )
+
+
+def _whole_map_lesions(
+    predictor: Predictor,
+    run: TileRun,
+    tissue: TissueMap,
+    result: PatchResult,
+    factor: float,
+    tile_mean: np.ndarray | None,
+) -> None:
+    """Label map in memory, its areas and lesions (``lesions.find_lesions``): regions up to
+    ``bigmap.STREAM_MIN_PX`` pixels."""
+    label_map, deposit_prob = _finish_maps(run, tissue, result, factor)
+    result.label_map = label_map
+    result.set_deposit_areas(label_map, predictor.deposit_labels)
+    boxes, probs, focus = run.seen_arrays()
+    found = predictor.find_lesions(
+        result, label_map, boxes, probs, focus, deposit_prob=deposit_prob, fallback=tile_mean
+    )
+    result.lesions, result.lesion_components = found.lesions, found.components
+
+
+def _streamed_lesions(
+    predictor: Predictor,
+    run: TileRun,
+    maps: StreamedMaps,
+    result: PatchResult,
+    tile_mean: np.ndarray | None,
+) -> None:
+    """The streamed map's file, areas and band-wise lesions (``streamlesions.BandLesions``)."""
+    run.stitcher.finish()
+    file = maps.finish()
+    result.label_file = file
+    result.set_deposit_counts(maps.counts, predictor.deposit_labels)
+    _, probs, focus = run.seen_arrays()
+    found, seeds = maps.lesions.finish(
+        mpp=result.mpp,
+        class_names=predictor.class_names,
+        deposit_labels=predictor.deposit_labels,
+        tile_probs=probs,
+        tile_in_focus=focus,
+        min_area_um2=predictor.min_lesion_area_um2,
+        lesion_threshold=predictor.lesion_threshold,
+        fallback_probs=tile_mean,
+    )
+    result.lesions, result.lesion_components = found.lesions, None
+    file.outlines = [
+        (tuple(int(v) for v in les["bbox"]), seed)  # type: ignore[misc]
+        for les, seed in zip(found.lesions, seeds, strict=True)
+    ]
 
 
 # --------------------------------------------------------------------------- steps
@@ -233,134 +314,6 @@ class TissueMap:
         sub = mask[ya:yb, xa:xb]
         part[: sub.shape[0], : sub.shape[1]] = sub
         return cv2.resize(part, (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
-class TileRun:
-    """The tiles of one region, visited in row-major order, and what they produced.
-
-    Besides the label map, the stitcher's rows give the per-pixel deposit
-    probability (``1 - p(label 0)``) at uint8 (a quarter of float32), for
-    each lesion's ``deposit_probability``. Tiles waiting for the network are
-    held with their pixels, so a source is read once, in order.
-    """
-
-    def __init__(self, predictor: Predictor, shape: tuple[int, int]) -> None:
-        self.predictor = predictor
-        s, ov = predictor.input_size, predictor.tile_overlap
-        hw, ww = shape
-        self.shape = (hw, ww)
-        self.depth = len(predictor.deposit_labels)
-        self.deposit_prob = np.zeros((hw, ww), np.uint8)
-        self.stitcher = Stitcher((hw, ww), self.depth, s, ov, consumer=self._keep_deposit_prob)
-        self.grid = tile_grid((max(hw, s), max(ww, s)), s, ov)
-        #: One row per tile (the tile table), in region pixels.
-        self.tiles: list[dict[str, Any]] = []
-        #: Every tile the network saw: (y0, x0, size) in region pixels, probabilities, in focus.
-        self.seen_boxes: list[tuple[int, int, int]] = []
-        self.seen_probs: list[np.ndarray] = []
-        self.seen_in_focus: list[bool] = []
-        # In-focus tiles: tissue fraction (the weight), class and stain probabilities.
-        self._weights: list[float] = []
-        self._probs: list[np.ndarray] = []
-        self._stains: list[np.ndarray] = []
-        self._todo: list[tuple[dict[str, Any], int, int, np.ndarray]] = []
-
-    def _keep_deposit_prob(self, top: int, probs: np.ndarray, _wsum: np.ndarray) -> None:
-        band = 255.0 * (1.0 - probs[..., 0]) + 0.5
-        np.clip(band, 0.0, 255.0, out=band)
-        self.deposit_prob[top : top + probs.shape[0]] = band.astype(np.uint8)
-
-    def visit(self, source: PixelSource, tissue: TissueMap, y0: int, x0: int, inv: float) -> None:
-        """Check the tile at ``(y0, x0)``: glass is skipped, tissue queued for the network."""
-        p, s = self.predictor, self.predictor.input_size
-        tf = tissue.tile_fraction(y0, x0)
-        row: dict[str, Any] = {
-            "y0": int(round(y0 * inv)),
-            "x0": int(round(x0 * inv)),
-            "size": int(round(s * inv)),
-            "tissue_fraction": tf,
-        }
-        self.tiles.append(row)
-        if tf < p.min_tissue_fraction:
-            row.update(status="no_tissue", prediction=None)
-            return
-        tile_img = source.read(y0, x0, s, s)
-        foc = focus_measure(tile_img, tissue.tile_mask(y0, x0))
-        row["focus"] = foc
-        row["status"] = (
-            "out_of_focus" if p.focus_threshold is not None and foc < p.focus_threshold else "ok"
-        )
-        self._todo.append((row, y0, x0, tile_img))
-        if len(self._todo) >= p.batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        """Run the queued tiles through the network and stitch their deposit maps."""
-        if not self._todo:
-            return
-        p = self.predictor
-        batch = np.stack([p.preprocessing.apply(t[3])[0] for t in self._todo])
-        cls_l, stain_l, dep_l = p.infer(batch, p.region_tta)
-        probs = p.calibrated(cls_l, p.region_tta)
-        stain_p = softmax(np.asarray(stain_l, np.float32), axis=-1)
-        dep = softmax(np.asarray(dep_l, np.float32), axis=1).transpose(0, 2, 3, 1)
-        for j, (row, y, x, _) in enumerate(self._todo):
-            tile_map = np.ascontiguousarray(dep[j])
-            self.stitcher.add(y, x, tile_map)
-            self._record(row, probs[j], stain_p[j], tile_map, y, x)
-        self._todo.clear()
-
-    def _record(
-        self,
-        row: dict[str, Any],
-        p: np.ndarray,
-        stain: np.ndarray,
-        tile_map: np.ndarray,
-        y: int,
-        x: int,
-    ) -> None:
-        """One tile's calls into its row of the tile table and the region's tallies."""
-        pr = self.predictor
-        top = int(p.argmax())
-        row["prediction"] = (
-            pr.class_names[top] if p[top] >= pr.indeterminate_threshold else INDETERMINATE
-        )
-        for k, c in enumerate(pr.class_names):
-            row[f"p_{c}"] = float(p[k])
-        si = int(stain.argmax())
-        row["stain"] = pr.stain_names[si]
-        row["p_stain"] = float(stain[si])
-        s, (hw, ww) = pr.input_size, self.shape
-        lab = tile_map[: min(s, hw - y), : min(s, ww - x)].argmax(-1)
-        counts = label_histogram(lab.astype(np.uint8), self.depth)
-        for k, name in enumerate(pr.deposit_labels[1:], start=1):
-            row[f"tile_px_{name}"] = int(counts[k])
-        self.seen_boxes.append((row["y0"], row["x0"], row["size"]))
-        self.seen_probs.append(p)
-        self.seen_in_focus.append(row["status"] == "ok")
-        if row["status"] == "ok":
-            self._weights.append(row["tissue_fraction"])
-            self._probs.append(p)
-            self._stains.append(stain)
-
-    def _mean(self, values: list[np.ndarray]) -> np.ndarray | None:
-        """Tissue-weighted mean over the in-focus tiles (None without any)."""
-        if not self._weights:
-            return None
-        w = np.asarray(self._weights, np.float64)
-        w = w / w.sum() if w.sum() > 0 else np.full_like(w, 1.0 / len(w))
-        return (np.asarray(values) * w[:, None]).sum(0)
-
-    def tile_mean(self) -> np.ndarray | None:
-        """Tissue-weighted mean class probabilities of the in-focus tiles."""
-        return self._mean(self._probs)
-
-    def stain_mean(self) -> np.ndarray | None:
-        """Tissue-weighted mean stain probabilities of the in-focus tiles."""
-        return self._mean(self._stains)
-
-    def count(self, *statuses: str) -> int:
-        return sum(1 for t in self.tiles if t.get("status") in statuses)
 
 
 def _finish_maps(

@@ -64,13 +64,18 @@ class PatchResult:
     #: OpenCV component index of each lesion in ``lesions.deposit_components(label_map)``
     #: (not serialised; the GeoJSON writer traces outlines with it).
     lesion_components: list[int] | None = field(default=None, repr=False)
+    #: A large region's label map on disk instead of ``label_map`` (``bigmap.LabelMapFile``:
+    #: the pyramidal TIFF, a small copy for the overlay, each lesion's window; not serialised).
+    label_file: Any = field(default=None, repr=False)
     #: Whole-slide input: reader, levels, the level and region read, and the mapping of
     #: label-map pixels to slide coordinates (see ``slide.predict_slide``).
     slide: dict[str, Any] | None = None
 
     def to_dict(self, include_tiles: bool = False) -> dict[str, Any]:
         """Plain, JSON-ready data (no label map; tiles only on request)."""
-        skip = {"label_map", "lesion_components"} | (set() if include_tiles else {"tiles"})
+        skip = {"label_map", "lesion_components", "label_file"} | (
+            set() if include_tiles else {"tiles"}
+        )
         d = {
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in skip
         }
@@ -85,13 +90,23 @@ class PatchResult:
 
     def set_deposit_areas(self, label_map: np.ndarray, labels: list[str]) -> None:
         """Deposit area per label (not background) of a label map, in pixels and square microns."""
-        counts = label_histogram(label_map, len(labels))
+        self.set_deposit_counts(label_histogram(label_map, len(labels)), labels)
+
+    def set_deposit_counts(self, counts: np.ndarray, labels: list[str]) -> None:
+        """Deposit area per label from pixel counts per label value (a streamed map's)."""
         self.deposit_area_px = {name: int(counts[k]) for k, name in enumerate(labels) if k > 0}
         if self.mpp:
             a = float(self.mpp) ** 2
             self.deposit_area_um2 = {k: v * a for k, v in self.deposit_area_px.items()}
         else:
             self.deposit_area_um2 = None
+
+    def release_maps(self) -> None:
+        """Free the label map, or remove a large region's map file, once its outputs are written."""
+        self.label_map = None
+        if self.label_file is not None:
+            self.label_file.close()
+            self.label_file = None
 
 
 def error_reason(exc: BaseException) -> str:

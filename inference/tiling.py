@@ -96,6 +96,9 @@ def blend_weights(tile: int, overlap: int) -> np.ndarray:
 
 RowsConsumer = Callable[[int, np.ndarray, np.ndarray], None]
 
+#: A stitcher's flush normalises at most about this many bytes of float32 rows at once.
+EMIT_BYTES = 32_000_000
+
 
 class Stitcher:
     """Blend per-tile maps ``(tile, tile, D)`` into an ``(H, W)`` result, band by band.
@@ -110,7 +113,9 @@ class Stitcher:
     ``(H, W, D)``, only with ``keep_probs=True``), :attr:`coverage` (bool, which
     pixels any tile covered) and per-label pixel counts :attr:`label_counts`.
     A custom ``consumer(y0, probs_rows, weight_rows)`` may be given to receive
-    the normalised rows instead of (in addition to) the built-in ones.
+    the normalised rows instead of (in addition to) the built-in ones; with
+    ``keep_maps=False`` the consumer is all there is (no label map, coverage
+    or counts are kept: a large region's consumer writes them to disk).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class Stitcher:
         probs_dtype: np.dtype | type = np.float16,
         fill_label: int = 0,
         consumer: RowsConsumer | None = None,
+        keep_maps: bool = True,
     ) -> None:
         self.height, self.width = int(shape[0]), int(shape[1])
         self.depth = int(depth)
@@ -131,13 +137,19 @@ class Stitcher:
         self.window = blend_weights(self.tile, overlap)
         self.fill_label = int(fill_label)
         self.consumer = consumer
+        #: Rows normalised and handed on at once: bounds the float temporaries of a
+        #: flush to ``emit_rows x W x D`` (26 MB at W = 40000, D = 5) whatever the tile.
+        self.emit_rows = max(1, EMIT_BYTES // max(1, self.width * self.depth * 4))
         # Rolling band: rows [self._top, self._top + tile) of the image.
         self._acc = np.zeros((self.tile, self.width, self.depth), dtype=np.float32)
         self._wsum = np.zeros((self.tile, self.width), dtype=np.float32)
         self._top = 0
         self._done = False
-        self.label_map = np.full((self.height, self.width), self.fill_label, dtype=np.uint8)
-        self.coverage = np.zeros((self.height, self.width), dtype=bool)
+        # Without keep_maps (a large region streamed by its consumer) neither is held.
+        shape = (self.height, self.width) if keep_maps else (0, 0)
+        self.label_map = np.full(shape, self.fill_label, dtype=np.uint8)
+        self.coverage = np.zeros(shape, dtype=bool)
+        self.keep_maps = keep_maps
         self.probs: np.ndarray | None = (
             np.zeros((self.height, self.width, self.depth), dtype=probs_dtype)
             if keep_probs
@@ -194,16 +206,19 @@ class Stitcher:
             return
         top = self._top
         nb = min(n, self.tile)
-        acc = self._acc[:nb]
-        wsum = self._wsum[:nb]
-        covered = wsum > 0
-        probs = np.zeros_like(acc)
-        np.divide(acc, wsum[..., None], out=probs, where=covered[..., None])
-        probs[~covered, self.fill_label] = 1.0
-        self._emit(top, probs, wsum, covered)
+        step = self.emit_rows
+        for r0 in range(0, nb, step):  # normalised a few rows at a time: small temporaries
+            r1 = min(nb, r0 + step)
+            acc = self._acc[r0:r1]
+            wsum = self._wsum[r0:r1]
+            covered = wsum > 0
+            probs = np.zeros_like(acc)
+            np.divide(acc, wsum[..., None], out=probs, where=covered[..., None])
+            probs[~covered, self.fill_label] = 1.0
+            self._emit(top + r0, probs, wsum, covered)
         if n > nb:  # rows no tile reached at all (blank glass), a band at a time:
             # one (gap, W, D) float array would be 8 GB for a blank 20000 x 20000 scan.
-            rows = min(n - nb, self.tile)
+            rows = min(n - nb, step)
             empty = np.zeros((rows, self.width, self.depth), dtype=np.float32)
             empty[..., self.fill_label] = 1.0
             zero_w = np.zeros((rows, self.width), dtype=np.float32)
@@ -225,10 +240,11 @@ class Stitcher:
 
     def _emit(self, top: int, probs: np.ndarray, wsum: np.ndarray, covered: np.ndarray) -> None:
         n = probs.shape[0]
-        labels = probs.argmax(axis=-1).astype(np.uint8)
-        self.label_map[top : top + n] = labels
-        self.coverage[top : top + n] = covered
-        self.label_counts += label_histogram(labels, self.depth)
+        if self.keep_maps:
+            labels = probs.argmax(axis=-1).astype(np.uint8)
+            self.label_map[top : top + n] = labels
+            self.coverage[top : top + n] = covered
+            self.label_counts += label_histogram(labels, self.depth)
         if self.probs is not None:
             self.probs[top : top + n] = probs
         if self.consumer is not None:

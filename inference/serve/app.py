@@ -543,12 +543,14 @@ def _predict_slide(
     ox, oy = (float(v) for v in info.get("origin", (0.0, 0.0)))
     layer: dict[str, Any] | None = None
     present: list[int] = []
-    if res.label_map is not None:
-        lm = tiles_mod.shrink_to(res.label_map, tiles_mod.LAYER_SIDE, nearest=True)
+    # A large region's map is on disk (``bigmap``): its subsampled copy makes the layer.
+    small = res.label_map if res.label_file is None else res.label_file.thumbnail
+    if small is not None:
+        lm = tiles_mod.shrink_to(small, tiles_mod.LAYER_SIDE, nearest=True)
         display = job.folder / "display"
         display.mkdir(parents=True, exist_ok=True)
         _write_png(display / "labels.png", lm)
-        lh, lw = res.label_map.shape[:2]
+        lh, lw = (res.height, res.width) if res.label_file is not None else small.shape[:2]
         layer = {"x": ox, "y": oy, "width": lw * ds, "height": lh * ds}
         present = [int(v) for v in np.unique(lm) if int(v) in DEPOSIT_COLORS]
     out = job.folder / "out"

@@ -93,7 +93,7 @@ def write_prediction(
             predictor.deposit_labels,
         )
     else:
-        res.label_map = None
+        res.release_maps()
     cols = csv_columns(predictor.class_names, predictor.deposit_labels)
     write_csv(out / "predictions.csv", cols, [row])
     summary = run_header(predictor, checkpoint, seconds)
