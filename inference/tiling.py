@@ -218,7 +218,7 @@ class Stitcher:
             self._emit(top + r0, probs, wsum, covered)
         if n > nb:  # rows no tile reached at all (blank glass), a band at a time:
             # one (gap, W, D) float array would be 8 GB for a blank 20000 x 20000 scan.
-            rows = min(n - nb, step)
+            rows = min(n - nb, step, self.tile)  # never more than a band's worth
             empty = np.zeros((rows, self.width, self.depth), dtype=np.float32)
             empty[..., self.fill_label] = 1.0
             zero_w = np.zeros((rows, self.width), dtype=np.float32)
