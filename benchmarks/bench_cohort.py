@@ -37,38 +37,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import psutil
+from bench_region_memory import make_checkpoint  # the benchmarks' tiny model, one writer
 
-REPO = Path(__file__).resolve().parents[1]
 #: The largest synthetic region rendered per slide; bigger slides repeat it.
 BASE = 2048
 CLI = "import sys; from calcinosis.model.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def tiny_checkpoint(path: Path, mpp: float) -> Path:
-    """The tests' tiny model (configs/ci.yaml, resnet10t, 64 px, seed 0) at ``mpp``."""
-    import torch
-
-    from calcinosis.model import create_model, save_checkpoint
-    from calcinosis.training.config import load_config
-    from calcinosis.training.state import RunState, checkpoint_metadata
-
-    cfg = load_config(
-        REPO / "configs" / "ci.yaml",
-        [
-            f"output_dir={path.parent}",
-            "data.image_size=64",
-            f"data.mpp={mpp}",
-            "inference.indeterminate_threshold=0.0",
-            "inference.min_tissue_fraction=0.1",
-        ],
-    )
-    torch.manual_seed(0)
-    model = create_model(cfg.model)
-    meta = checkpoint_metadata(cfg, model, RunState(epoch=1, global_step=2), 1.0)
-    return save_checkpoint(path, model, meta)
 
 
 def write_pyramid(path: Path, rgb: np.ndarray, mpp: float) -> None:
@@ -271,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         ckpt, model = Path(args.checkpoint).resolve(), args.checkpoint
     else:
-        ckpt = tiny_checkpoint(work / f"tiny-{args.mpp:g}.safetensors", args.mpp)
+        ckpt = make_checkpoint(work / f"tiny-{args.mpp:g}.safetensors", 64, args.mpp)
         model = f"tiny random resnet10t, 64 px, {args.mpp:g} um/px (the tests' model)"
     counts = [int(n) for n in args.workers.split(",") if n.strip()]
     results = []

@@ -41,8 +41,8 @@ MPP = 2.0
 TILE = 256
 
 
-def make_checkpoint(path: Path, input_size: int) -> Path:
-    """The tests' tiny random-weight checkpoint (configs/ci.yaml's resnet10t) at :data:`MPP`."""
+def make_checkpoint(path: Path, input_size: int, mpp: float = MPP) -> Path:
+    """The tests' tiny random-weight checkpoint (configs/ci.yaml's resnet10t) at ``mpp``."""
     import torch
 
     from calcinosis.model import create_model, save_checkpoint
@@ -55,7 +55,7 @@ def make_checkpoint(path: Path, input_size: int) -> Path:
         [
             f"output_dir={path.parent}",
             f"data.image_size={input_size}",
-            f"data.mpp={MPP}",
+            f"data.mpp={mpp}",
             "inference.indeterminate_threshold=0.0",
         ],
     )
