@@ -66,6 +66,35 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
         "frame); default: the whole slide. With --level or --region, .tif files are always "
         "read as slides",
     )
+    _model_arguments(p, device_help="cpu (default) or cuda / cuda:N for the torch backends")
+    p.add_argument(
+        "--png-compression",
+        type=int,
+        default=None,
+        metavar="0-9",
+        help="zlib level of the overlay PNGs (default 1: fast, ~3x larger than 9; "
+        "9 = smallest files, several times slower to write)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads for decoding and writing (default: all cores)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="largest image (width x height) decoded; bigger ones get status=error "
+        "(default 100000000, or $CALCINOSIS_MAX_PIXELS; 0 = no limit). Images above "
+        "1.5 model inputs are tiled, but each is decoded whole in memory (3 bytes a pixel); "
+        "whole-slide files are not (a larger .tif is read as a slide when tiffslide is installed)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _model_arguments(p: argparse.ArgumentParser, device_help: str) -> None:
+    """The network, thresholds, tiling and outputs: the options predict and predict-cohort share."""
     p.add_argument(
         "--backend",
         default="torch",
@@ -74,9 +103,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
         "next to the checkpoint and usually fastest on CPUs; torch-bf16 only pays off on "
         "CPUs with AMX/AVX512-BF16 or on GPUs",
     )
-    p.add_argument(
-        "--device", default="cpu", help="cpu (default) or cuda / cuda:N for the torch backends"
-    )
+    p.add_argument("--device", default="cpu", help=device_help)
     p.add_argument(
         "--threshold",
         type=float,
@@ -119,30 +146,6 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
     p.add_argument("--no-geojson", action="store_true", help="do not write QuPath GeoJSON files")
-    p.add_argument(
-        "--png-compression",
-        type=int,
-        default=None,
-        metavar="0-9",
-        help="zlib level of the overlay PNGs (default 1: fast, ~3x larger than 9; "
-        "9 = smallest files, several times slower to write)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="threads for decoding and writing (default: all cores)",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="largest image (width x height) decoded; bigger ones get status=error "
-        "(default 100000000, or $CALCINOSIS_MAX_PIXELS; 0 = no limit). Images above "
-        "1.5 model inputs are tiled, but each is decoded whole in memory (3 bytes a pixel); "
-        "whole-slide files are not (a larger .tif is read as a slide when tiffslide is installed)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _cohort_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,34 +183,11 @@ def _cohort_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mpp", type=float, default=None, help="level-0 mpp where the CSV has none")
     p.add_argument("--level", type=int, default=None, help="pyramid level where the CSV has none")
-    p.add_argument(
-        "--backend",
-        default="torch",
-        choices=BACKEND_CHOICES,
-        help="as for predict (default torch)",
+    _model_arguments(
+        p,
+        device_help="cpu (default), cuda (a LocalCluster then runs one worker per GPU, each on "
+        "its own) or cuda:N (every worker on GPU N)",
     )
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="cpu (default), cuda (a LocalCluster then runs one worker per GPU, each on its "
-        "own) or cuda:N (every worker on GPU N)",
-    )
-    p.add_argument("--threshold", type=float, default=None, help="as for predict")
-    p.add_argument("--lesion-threshold", type=float, default=None, help="as for predict")
-    p.add_argument(
-        "--min-lesion-area",
-        dest="min_lesion_area_um2",
-        type=float,
-        default=None,
-        metavar="UM2",
-        help="as for predict",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="patches per forward pass")
-    add_tta_argument(p)
-    p.add_argument("--tile-overlap", type=int, default=None, help="as for predict")
-    p.add_argument("--focus-threshold", type=float, default=None, help="as for predict")
-    p.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")
-    p.add_argument("--no-geojson", action="store_true", help="do not write QuPath GeoJSON files")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

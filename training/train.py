@@ -125,6 +125,7 @@ __all__ = [
     "cpu_has_native_bf16",
     "derive_seed",
     "evaluate",
+    "frozen_then",
     "load_resume_state",
     "masked_cross_entropy",
     "parameter_checksum",
@@ -136,7 +137,6 @@ __all__ = [
     "setup_distributed",
     "soft_dice_loss",
     "train_one_epoch",
-    "frozen_then",
     "warmup_cosine",
     "write_metrics_csv",
 ]
