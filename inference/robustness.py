@@ -12,8 +12,10 @@ every set it is checked on:
 * real patches (a manifest such as ``../shared/real-dev/manifest.csv``),
   predicted the way a pathologist runs the model (``Predictor``: resampled to
   the model's mpp, tiled and called by its deposits when larger than one
-  input), counted per true label: "bone called osteoma_cutis 11 of 12". The
-  colour baseline is fitted on ``--train-manifest``'s train split and counted
+  input), counted per true label: "bone called osteoma_cutis 11 of 12", with
+  the mean calibrated probability of the true class beside the count (a dozen
+  patches' count jumps by several between two trainings; the mean moves
+  smoothly, so small changes show in it first). The colour baseline is fitted on ``--train-manifest``'s train split and counted
   the same way.
 
     calcinosis robustness --out runs/demo/robustness \\
@@ -36,6 +38,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from calcinosis.model.errors import ConfigError, DataError, ImageReadError
 from calcinosis.model.fileio import atomic_write_text
@@ -97,10 +101,12 @@ def real_patch_rows(
     class_names = list(predictor.class_names)
     samples = read_manifest(manifest, class_names)
     calls: list[str] = []
+    p_true: list[float | None] = []
     for s in samples:
         res = predictor.predict(str(s.path), mpp=s.mpp)
         called = res.status in ("ok", "indeterminate") and res.prediction
         calls.append(res.prediction if called else res.status)
+        p_true.append(res.probabilities.get(s.label) if called else None)
         if res.status != "ok":
             log.info("%s: %s %s", s.path, res.status, res.reason)
     base_calls: list[str] | None = None
@@ -124,6 +130,7 @@ def real_patch_rows(
     for label in sorted({s.label for s in samples}, key=class_names.index):
         idx = [i for i, s in enumerate(samples) if s.label == label]
         hist = Counter(calls[i] for i in idx)
+        probs = [p_true[i] for i in idx if p_true[i] is not None]
         rows.append(
             {
                 "set": f"{name}: {label} patches",
@@ -134,6 +141,9 @@ def real_patch_rows(
                 "n": len(idx),
                 "correct": sum(calls[i] == label for i in idx),
                 "calls": dict(hist.most_common()),
+                # the calibrated probability of the true class, averaged: moves
+                # smoothly where the count of a dozen patches jumps
+                "mean_p_true": float(np.mean(probs)) if probs else None,
                 "baseline_correct": (
                     None if base_calls is None else sum(base_calls[i] == label for i in idx)
                 ),
@@ -166,8 +176,10 @@ def build_table(rows: list[dict[str, Any]]) -> str:
             base = "-" if b is None else f"{b} of {n}"
             gap = "-" if b is None else f"{c - b:+d}"
             others = ", ".join(f"{k} {v}" for k, v in r["calls"].items() if k != r["label"])
+            mean_p = r.get("mean_p_true")
             lines.append(
                 f"| {r['set']} | {n} | called {r['label']} {c} of {n}"
+                + (f", mean p({r['label']}) {mean_p:.2f}" if mean_p is not None else "")
                 + (f" (else: {others})" if others else "")
                 + f" | {base} | {gap} |"
             )

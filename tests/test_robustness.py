@@ -59,8 +59,29 @@ def test_real_patch_rows_count_calls_per_label(tmp_path, robust_checkpoint):
         assert sum(r["calls"].values()) == 2
         assert r["correct"] == r["calls"].get(r["label"], 0)
         assert r["baseline_correct"] is not None and 0 <= r["baseline_correct"] <= 2
+        assert 0.0 <= r["mean_p_true"] <= 1.0
     table = build_table(rows)
     assert "real: osteoma_cutis patches | 2 | called osteoma_cutis" in table
+    assert f"mean p(normal) {rows[1]['mean_p_true']:.2f}" in table
+
+
+def test_real_row_mean_probability_is_printed_and_optional():
+    row = {
+        "set": "real: normal patches",
+        "kind": "real",
+        "status": "ok",
+        "label": "normal",
+        "n": 4,
+        "correct": 1,
+        "calls": {"normal": 1, "gout": 3},
+        "baseline_correct": 2,
+        "mean_p_true": 0.4321,
+    }
+    assert "| called normal 1 of 4, mean p(normal) 0.43 (else: gout 3) | 2 of 4 | -1 |" in (
+        build_table([row])
+    )
+    row["mean_p_true"] = None  # no patch got a call (all unreadable, say)
+    assert "| called normal 1 of 4 (else: gout 3) |" in build_table([row])
 
 
 def test_cli_writes_table_and_skips_absent_real_patches(tmp_path, capsys):
