@@ -377,3 +377,33 @@ def test_style_randomisation_keys_are_checked():
     for key in ("random_stain_prob", "randconv_prob", "grayscale_prob"):
         with pytest.raises(ConfigError, match=f"augment.{key}"):
             AugmentConfig(**{key: 1.5})
+
+
+def _op_names(aug: AugmentConfig) -> list[str]:
+    pipe = tr.build_train_transform(aug, 64, (0.5,) * 3, (0.5,) * 3, seed=0)
+    return [type(op).__name__ for op in pipe.compose.transforms]
+
+
+def test_scanner_ranges_reach_the_pipeline():
+    """Blur sigma, JPEG quality and sensor noise come from the config, not constants."""
+    default = AugmentConfig(blur_prob=1.0, jpeg_prob=1.0)
+    assert "GaussNoise" not in _op_names(default)  # noise is off unless asked for
+    pipe = tr.build_train_transform(default, 64, (0.5,) * 3, (0.5,) * 3, seed=0)
+    blur = next(op for op in pipe.compose.transforms if type(op).__name__ == "GaussianBlur")
+    assert tuple(blur.sigma_limit) == (0.3, 1.2) and tuple(blur.blur_limit) == (3, 5)
+    wide = AugmentConfig(
+        blur_prob=1.0,
+        blur_sigma=(0.3, 2.2),
+        jpeg_prob=1.0,
+        jpeg_quality=(25, 95),
+        noise_prob=1.0,
+        noise_std=(0.01, 0.02),
+    )
+    pipe = tr.build_train_transform(wide, 64, (0.5,) * 3, (0.5,) * 3, seed=0)
+    ops = {type(op).__name__: op for op in pipe.compose.transforms}
+    assert tuple(ops["GaussianBlur"].sigma_limit) == (0.3, 2.2)
+    assert tuple(ops["ImageCompression"].quality_range) == (25, 95)
+    assert tuple(ops["GaussNoise"].std_range) == (0.01, 0.02)
+    img = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    out = pipe(image=img, mask=np.zeros((64, 64), np.uint8))
+    assert out["image"].shape == (3, 64, 64) and torch.isfinite(out["image"]).all()

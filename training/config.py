@@ -93,10 +93,16 @@ class AugmentConfig:
     flips: bool = True
     # Random rescale range (zoom), for scanners at slightly different resolution.
     scale: tuple[float, float] = (0.85, 1.15)
-    # Probability of Gaussian / defocus blur (scanner focus).
+    # Probability of Gaussian / defocus blur (scanner focus), and its sigma range in pixels.
     blur_prob: float = 0.2
-    # Probability of JPEG re-compression (slide formats store JPEG tiles).
+    blur_sigma: tuple[float, float] = (0.3, 1.2)
+    # Probability of JPEG re-compression (slide formats store JPEG tiles), and
+    # its quality range (scanners store anywhere from about 30 to 95).
     jpeg_prob: float = 0.3
+    jpeg_quality: tuple[int, int] = (50, 95)
+    # Probability of sensor noise, and its standard deviation as a fraction of 255.
+    noise_prob: float = 0.0
+    noise_std: tuple[float, float] = (0.005, 0.02)
     # Std of the per-stain HED jitter (stain concentration); 0 turns it off.
     hed_sigma: float = 0.05
     # Std of the log of one factor scaling all dyes together (section thickness,
@@ -120,9 +126,20 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         lo, hi = self.scale
         _require(0 < lo <= hi, "augment.scale", "must be [low, high] with 0 < low <= high")
+        b_lo, b_hi = self.blur_sigma
+        _require(0 < b_lo <= b_hi, "augment.blur_sigma", "must be [low, high] with 0 < low <= high")
+        q_lo, q_hi = self.jpeg_quality
+        _require(
+            1 <= q_lo <= q_hi <= 100,
+            "augment.jpeg_quality",
+            "must be [low, high] with 1 <= low <= high <= 100",
+        )
+        n_lo, n_hi = self.noise_std
+        _require(0 <= n_lo <= n_hi <= 1, "augment.noise_std", "must be [low, high] within [0, 1]")
         for key in (
             "blur_prob",
             "jpeg_prob",
+            "noise_prob",
             "random_stain_prob",
             "randconv_prob",
             "grayscale_prob",

@@ -482,8 +482,13 @@ def build_train_transform(
             )
         )
     if aug.blur_prob > 0:
-        ops.append(A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2), p=aug.blur_prob))
+        lo, hi = aug.blur_sigma
+        # a 3-5 px kernel holds sigma up to 1.2; wider blur gets its kernel from sigma
+        kernel = (3, 5) if hi <= 1.2 else 0
+        ops.append(A.GaussianBlur(blur_limit=kernel, sigma_limit=(lo, hi), p=aug.blur_prob))
+    if aug.noise_prob > 0:
+        ops.append(A.GaussNoise(std_range=tuple(aug.noise_std), p=aug.noise_prob))
     if aug.jpeg_prob > 0:
-        ops.append(A.ImageCompression(quality_range=(50, 95), p=aug.jpeg_prob))
+        ops.append(A.ImageCompression(quality_range=tuple(aug.jpeg_quality), p=aug.jpeg_prob))
     ops += _tail(mean, std)
     return Pipeline(A.Compose(ops), seed=seed)
