@@ -15,8 +15,8 @@ every set it is checked on:
   input), counted per true label: "bone called osteoma_cutis 11 of 12", with
   the mean calibrated probability of the true class beside the count (a dozen
   patches' count jumps by several between two trainings; the mean moves
-  smoothly, so small changes show in it first). The colour baseline is fitted on ``--train-manifest``'s train split and counted
-  the same way.
+  smoothly, so small changes show in it first). The colour baseline is
+  fitted on ``--train-manifest``'s train split and counted the same way.
 
     calcinosis robustness --out runs/demo/robustness \\
         --report "in-distribution test=runs/demo/report" \\
