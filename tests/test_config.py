@@ -77,6 +77,9 @@ def test_wrong_types_name_the_key(tmp_path: Path, raw: dict, message: str) -> No
         ("train.encoder_lr_scale=0", r"train\.encoder_lr_scale' must be in \(0, 1\]"),
         ("train.encoder_lr_scale=2", r"train\.encoder_lr_scale' must be in \(0, 1\]"),
         ("train.freeze_encoder_epochs=-1", r"train\.freeze_encoder_epochs' must be in \[0, "),
+        ("train.mixstyle_prob=1.5", r"train\.mixstyle_prob' must be in \[0, 1\]"),
+        ("train.mixstyle_alpha=0", r"train\.mixstyle_alpha' must be > 0"),
+        ("train.mixstyle_levels=[-1]", r"train\.mixstyle_levels' must list feature levels"),
     ],
 )
 def test_out_of_range_values_are_rejected(override: str, message: str) -> None:

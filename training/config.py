@@ -207,6 +207,15 @@ class TrainConfig:
     # initialised heads otherwise send large gradients into the encoder early
     # and distort the features that transfer. 0 (default) fine-tunes all at once.
     freeze_encoder_epochs: int = 0
+    # MixStyle (Zhou et al. 2021; training/mixstyle.py): with this probability a
+    # batch's per-channel feature means and deviations at each level of
+    # mixstyle_levels are mixed with another patch's of the same stain, so the
+    # classes cannot rest on a rendering style. Training only; 0 turns it off.
+    mixstyle_prob: float = 0.0
+    # Beta(alpha, alpha) of the mixing weight (the paper's 0.1).
+    mixstyle_alpha: float = 0.1
+    # Encoder feature levels (0 = finest) after which the statistics are mixed.
+    mixstyle_levels: list[int] = field(default_factory=lambda: [0, 1])
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -227,6 +236,13 @@ class TrainConfig:
             0 <= self.freeze_encoder_epochs < self.epochs,
             "train.freeze_encoder_epochs",
             f"must be in [0, train.epochs) = [0, {self.epochs}) (0 = never frozen)",
+        )
+        _require(0 <= self.mixstyle_prob <= 1, "train.mixstyle_prob", "must be in [0, 1]")
+        _require(self.mixstyle_alpha > 0, "train.mixstyle_alpha", "must be > 0 (for example 0.1)")
+        _require(
+            all(level >= 0 for level in self.mixstyle_levels),
+            "train.mixstyle_levels",
+            "must list feature levels >= 0 (0 = the finest), for example [0, 1, 2]",
         )
 
 

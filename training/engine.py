@@ -48,6 +48,9 @@ class TrainContext:
     dist_info: DistInfo = dataclasses.field(default_factory=DistInfo)
     ema: Any | None = None  # timm ModelEmaV3 when train.ema_decay > 0
     val_loader: DataLoader | None = None
+    # train.mixstyle_prob > 0: the MixStyle hook on the encoder; told each
+    # batch's stains so that it mixes statistics within a stain only
+    mixstyle: Any | None = None
 
     @property
     def net(self) -> nn.Module:
@@ -164,6 +167,8 @@ def _train_step(
     ctx: TrainContext, run: RunState, batch: dict[str, Any], stop: GracefulStop
 ) -> tuple[float, dict[str, float], bool]:
     """One optimizer step; returns the loss, its parts and whether any rank asked to stop."""
+    if ctx.mixstyle is not None:
+        ctx.mixstyle.groups = batch.get("stain")
     with autocast(ctx.device, ctx.amp_dtype):
         out = ctx.model(batch["image"])
     loss, parts = ctx.criterion(out, batch)

@@ -60,6 +60,7 @@ from .engine import (
 from .loaders import EpochSampler, SeededDataset, build_loaders
 from .losses import LOSS_PARTS, MultiTaskLoss, class_weights, masked_cross_entropy, soft_dice_loss
 from .metrics import IGNORE_INDEX
+from .mixstyle import attach_mixstyle
 from .optim import LR_FLOOR, build_optimizer, build_scheduler, frozen_then, warmup_cosine
 from .seeding import (
     derive_seed,
@@ -225,6 +226,14 @@ def build_context(
         # use_warmup: the decay grows with the step count (1 - (1 + step)^-2/3),
         # capped at ema_decay, so early weights do not linger in a short run.
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
+    mixer = None
+    if cfg.train.mixstyle_prob > 0:
+        mixer, _ = attach_mixstyle(
+            model.encoder,
+            cfg.train.mixstyle_levels,
+            cfg.train.mixstyle_prob,
+            cfg.train.mixstyle_alpha,
+        )
     seed_dropout(cfg.seed, dist_info.rank)
     return TrainContext(
         model=model,
@@ -245,6 +254,7 @@ def build_context(
         dist_info=dist_info,
         ema=ema,
         val_loader=val_loader,
+        mixstyle=mixer,
     )
 
 
