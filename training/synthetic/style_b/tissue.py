@@ -48,14 +48,18 @@ def _dermis(cv: Canvas, lay: Layout, nuc: np.ndarray) -> None:
     shade = 1 + rng.uniform(0.06, 0.16) * fibrils
     cv.put(cv.alpha(strokes, fib) * a_reg, "collagen", shade=shade)
     cv.put(cv.alpha(dark, fib) * a_reg, "sclerotic", shade=shade)
-    if dense > 0.55 and rng.random() < 0.6:
-        # retraction clefts between bundles
-        kc = int(rng.integers(2, 10))
-        starts, angs = cv.pick(region, kc), base_ang + rng.normal(0, 0.2, kc)
-        cl = wavy_curves(rng, starts, angs, length, step, 0.2, cv.px(50))
+    if rng.random() < 0.35 + 0.55 * dense:
+        # retraction clefts between bundles (a fixation artefact of any dermis, so
+        # of every class: curved white slits in collagen must not say "fissured amyloid")
+        kc = int(rng.integers(2, 8) + 10 * dense)
+        starts, angs = cv.pick(region, kc), base_ang + rng.normal(0, 0.25, kc)
+        cl = wavy_curves(
+            rng, starts, angs, length * rng.uniform(0.5, 1.0), step,
+            rng.uniform(0.15, 0.45), cv.px(rng.uniform(30, 70)),
+        )  # fmt: skip
         cm = cv.blank()
-        cv.stroke(cm, cl, max(cv.px(1.0), 1), 255)
-        cv.put(cv.alpha(cm, 0.8) * a_reg, "ground")
+        cv.stroke(cm, cl, max(cv.px(rng.uniform(1.0, 3.0)), 1), 255)
+        cv.put(cv.alpha(cm, 0.85) * a_reg, "lumen")
     _fibroblasts(cv, region, curves, nuc)
 
 
