@@ -222,6 +222,23 @@ def test_dropout_resumes_exactly(
     assert metrics_rows(straight) == metrics_rows(resumed)
 
 
+def test_mixstyle_resumes_exactly(
+    tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MixStyle draws whether to mix, the partners and the weights from torch's
+    # global generator; after --resume it must draw what the uninterrupted run drew.
+    extra = ("train.epochs=2", "train.mixstyle_prob=0.5", "calibrate=false")
+    straight = tmp_path / "straight"
+    T.train(make_train_cfg(train_manifest, straight, *extra))
+
+    resumed = tmp_path / "resumed"
+    cfg = make_train_cfg(train_manifest, resumed, *extra)
+    _train_until_ctrl_c(cfg, monkeypatch, "train", 3)
+    T.train(cfg, resume=True)
+    assert_same_weights(straight / "last.safetensors", resumed / "last.safetensors")
+    assert metrics_rows(straight) == metrics_rows(resumed)
+
+
 def test_state_files_of_older_versions_still_resume(
     straight: Path, tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

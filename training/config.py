@@ -242,7 +242,7 @@ class TrainConfig:
         _require(
             all(level >= 0 for level in self.mixstyle_levels),
             "train.mixstyle_levels",
-            "must list feature levels >= 0 (0 = the finest), for example [0, 1, 2]",
+            "must list feature levels >= 0 (0 = the finest), for example [0, 1]",
         )
 
 

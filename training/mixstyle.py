@@ -105,7 +105,7 @@ def attach_mixstyle(
             raise ConfigError(
                 f"train.mixstyle_levels: level {level} does not exist; this backbone has "
                 f"{len(names)} feature levels (0-{len(names) - 1}, strides "
-                f"{list(info.reduction())}). MixStyle belongs in the early ones, e.g. [0, 1, 2]."
+                f"{list(info.reduction())}). MixStyle belongs in the early ones, e.g. [0, 1]."
             )
         module = _find_module(encoder, names[level])
         handles.append(module.register_forward_hook(mixer))
