@@ -40,7 +40,7 @@ lint: $(STAMP)
 
 # The whole story on synthetic data: generate (both rendering styles), fine-tune,
 # calibrate, evaluate in-lab, in each style and on another lab's staining, predict
-# held-out patches and a large region, then one robustness table (with the real
+# the other lab's patches and a large region, then one robustness table (with the real
 # H&E patches of $(REAL_DEV) where that folder exists, and the cross-style runs of
 # `make cross-style` where they have been made).
 SYNTH := $(BIN)/calcinosis synth --size 64 --mpp 2.0
@@ -67,7 +67,7 @@ demo: $(STAMP)
 	$(BIN)/calcinosis evaluate --checkpoint $(CKPT) --baseline-train $(DEMO)/data/manifest.csv \
 		--data $(DEMO)/style_b/manifest.csv --split all --out $(DEMO)/report_style_b
 	$(BIN)/calcinosis synth --region 2048x1536 --mpp 2.0 --seed 3 --out $(DEMO)/region/region.png
-	$(BIN)/calcinosis predict $(DEMO)/data/manifest.csv $(DEMO)/region/region.png --split test \
+	$(BIN)/calcinosis predict $(DEMO)/shifted/manifest.csv $(DEMO)/region/region.png \
 		--checkpoint $(CKPT) --out $(DEMO)/predictions --quiet || test $$? -eq 3
 	$(BIN)/calcinosis robustness --out $(DEMO)/robustness --title "Robustness of the demo model" \
 		--report "in-distribution test (styles A+B)=$(DEMO)/report" \

@@ -326,6 +326,28 @@ def test_cli_synth_reports_bad_arguments(tmp_path: Path, capsys) -> None:
     assert "n_per_class_stain" in capsys.readouterr().err
 
 
+def test_cli_synth_takes_split_fractions(tmp_path: Path, capsys) -> None:
+    import csv
+    from collections import Counter
+
+    from calcinosis.inference.cli import main
+
+    out = tmp_path / "data"
+    argv = ["synth", "--out", str(out), "--n-per-class-stain", "10", "--size", "32"]
+    rc = main([*argv, "--workers", "1", "--val-fraction", "0.1", "--test-fraction", "0.2"])
+    assert rc == 0
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for label in CLASS_NAMES:
+        for stain in STAIN_NAMES:
+            mine = Counter(r["split"] for r in rows if (r["label"], r["stain"]) == (label, stain))
+            assert mine == {"train": 7, "val": 1, "test": 2}, (label, stain, mine)
+    capsys.readouterr()
+    assert main([*argv, "--val-fraction", "0.6", "--test-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "val_fraction + test_fraction must be < 1" in err and "0.6 + 0.5" in err
+
+
 # ---------------------------------------------------------------------------
 # Large regions (a mosaic of patches, like an area exported from a slide)
 # ---------------------------------------------------------------------------

@@ -53,6 +53,18 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
         help="draw each patch 1..N times finer (random per patch) and area-average it down, "
         "as a scanner's pyramid level or resampling to the model's mpp does (default 1: off)",
     )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of each class and stain for validation (default 0.15)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="share of each class and stain held out for test (default 0.15)",
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
     p.add_argument("--sheet", default=None, help="also write a contact sheet PNG to this path")
     p.add_argument(

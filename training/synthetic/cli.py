@@ -9,7 +9,7 @@ from calcinosis.model.errors import ConfigError
 from calcinosis.model.fileio import atomic_write_text
 from calcinosis.model.labels import CLASS_NAMES, STAIN_NAMES
 
-from .dataset import generate_dataset
+from .dataset import TEST_FRACTION, VAL_FRACTION, generate_dataset
 from .region import region_json, region_metadata, render_plan, write_region_png
 from .region_plan import DEPOSIT_CLASSES, GLASS, REGION_MAX_PIXELS, REGION_MIN_SIDE, plan_region
 from .sheet import contact_sheet
@@ -78,8 +78,18 @@ def run_synth(args) -> int:
     look = {"size": args.size, "seed": args.seed, "shift": args.shift, "mpp": args.mpp}
     look["style"] = args.style  # the sheet shows patches exactly as the dataset draws them
     supersample = getattr(args, "supersample", 1)
+    val, test = getattr(args, "val_fraction", None), getattr(args, "test_fraction", None)
+    fractions = {
+        "val_fraction": VAL_FRACTION if val is None else val,
+        "test_fraction": TEST_FRACTION if test is None else test,
+    }
     manifest = generate_dataset(
-        args.out, args.n_per_class_stain, workers=args.workers, supersample=supersample, **look
+        args.out,
+        args.n_per_class_stain,
+        workers=args.workers,
+        supersample=supersample,
+        **fractions,
+        **look,
     )
     n = args.n_per_class_stain * len(CLASS_NAMES) * len(STAIN_NAMES)
     print(f"wrote {n} patches ({args.size} px, {args.mpp} um/px) and {manifest}")
