@@ -222,11 +222,15 @@ def test_queue_full_and_forgetting_old_jobs(tmp_path):
     blocker = q.submit(_job("block", lambda j: gate.wait(10) and {}))
     while blocker.state != "running":
         q.wait(blocker, blocker.version, 5)
-    q.submit(_job("w1", lambda j: {}))
-    q.submit(_job("w2", lambda j: {}))
+    waiting = [q.submit(_job("w1", lambda j: {})), q.submit(_job("w2", lambda j: {}))]
     with pytest.raises(QueueFull, match="already waiting"):
         q.submit(_job("w3", lambda j: {}))
     gate.set()
+    # The queue is full until the worker has taken w1 and w2; on a loaded machine that
+    # takes a while after the gate opens, so wait for them rather than race the worker.
+    for j in waiting:
+        while j.state != "done":
+            q.wait(j, j.version, 5)
     folders = []
     for i in range(4):
         f = tmp_path / f"j{i}"
