@@ -185,6 +185,12 @@ def _job(name: str, work) -> Job:
     return Job(kind="image", name=name, folder=Path("/nonexistent"), work=work)
 
 
+def _wait_for(q: JobQueue, job: Job, *states: str) -> None:
+    """Block until ``job`` is in one of ``states`` (the queue wakes waiters on each change)."""
+    while job.state not in states:
+        q.wait(job, job.version, 5)
+
+
 def test_queue_runs_in_order_one_at_a_time_and_reports_errors():
     q = JobQueue(max_queued=10)
     order: list[str] = []
@@ -204,8 +210,7 @@ def test_queue_runs_in_order_one_at_a_time_and_reports_errors():
 
     jobs = [q.submit(_job(n, work)) for n in ("a", "bad", "b", "bug", "c")]
     for j in jobs:
-        while j.state not in ("done", "error", "cancelled"):
-            q.wait(j, j.version, 5)
+        _wait_for(q, j, "done", "error", "cancelled")
     assert order == ["a", "bad", "b", "bug", "c"]
     assert [j.state for j in jobs] == ["done", "error", "done", "error", "done"]
     assert jobs[1].error == "this image broke"
@@ -220,8 +225,7 @@ def test_queue_full_and_forgetting_old_jobs(tmp_path):
     gate = threading.Event()
     q = JobQueue(max_queued=2, keep_finished=2)
     blocker = q.submit(_job("block", lambda j: gate.wait(10) and {}))
-    while blocker.state != "running":
-        q.wait(blocker, blocker.version, 5)
+    _wait_for(q, blocker, "running")
     waiting = [q.submit(_job("w1", lambda j: {})), q.submit(_job("w2", lambda j: {}))]
     with pytest.raises(QueueFull, match="already waiting"):
         q.submit(_job("w3", lambda j: {}))
@@ -229,16 +233,13 @@ def test_queue_full_and_forgetting_old_jobs(tmp_path):
     # The queue is full until the worker has taken w1 and w2; on a loaded machine that
     # takes a while after the gate opens, so wait for them rather than race the worker.
     for j in waiting:
-        while j.state != "done":
-            q.wait(j, j.version, 5)
+        _wait_for(q, j, "done")
     folders = []
     for i in range(4):
         f = tmp_path / f"j{i}"
         f.mkdir()
         folders.append(f)
-        j = q.submit(Job(kind="image", name=f"k{i}", folder=f, work=lambda j: {}))
-        while j.state != "done":
-            q.wait(j, j.version, 5)
+        _wait_for(q, q.submit(Job(kind="image", name=f"k{i}", folder=f, work=lambda j: {})), "done")
     assert q.get(blocker.id) is None and len([j for j in q.jobs() if j.state == "done"]) == 2
     assert not folders[0].exists() and folders[3].exists()
     q.close()
