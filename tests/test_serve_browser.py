@@ -312,7 +312,8 @@ def test_open_a_slide_predict_typed_and_drawn_regions(page, ui_shots):
     page.fill("#region", "128,64,448,320")
     page.click("#predict-region")
     page.wait_for_selector("article.slide-result", timeout=120000)
-    assert page.evaluate("state.viewer.world.getItemCount()") == 2  # the slide and its map
+    # The map is a PNG that OpenSeadragon loads after the card is drawn: wait for it.
+    page.wait_for_function("state.viewer.world.getItemCount() == 2", timeout=20000)  # the slide and its map
     first = page.locator("article.slide-result").first
     assert first.locator(".prow").count() == 5
     assert "Region 128,64,448,320" in first.locator("h3").inner_text()
