@@ -43,14 +43,21 @@ lint: $(STAMP)
 # the other lab's patches and a large region, then one robustness table (with the real
 # H&E patches of $(REAL_DEV) where that folder exists, and the cross-style runs of
 # `make cross-style` where they have been made).
-SYNTH := $(BIN)/calcinosis synth --size 64 --mpp 2.0
+# The demo's patch size, resolution and count: configs/demo.yaml's data.image_size
+# and data.mpp must agree (tests/test_config.py checks). 96 px at 1.3333 um/px shows
+# the same 128 um field as the earlier 64 px at 2 um/px, sampled finely enough that
+# small amyloid deposits stay visible (README, "Resolution is the synthetic sets' limit").
+DEMO_SIZE := 96
+DEMO_MPP  := 1.3333
+DEMO_N    := 300
+SYNTH := $(BIN)/calcinosis synth --size $(DEMO_SIZE) --mpp $(DEMO_MPP)
 CKPT   = $(DEMO)/train/best.safetensors
 REAL_DEV ?= ../shared/real-dev/manifest.csv
 CROSS ?= runs/cross
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(SYNTH) --out $(DEMO)/data --style mix --supersample 2 --n-per-class-stain 600 --seed 0 \
+	$(SYNTH) --out $(DEMO)/data --style mix --supersample 2 --n-per-class-stain $(DEMO_N) --seed 0 \
 		--sheet $(DEMO)/contact_sheet.png
 	$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(DEMO)/train \
 		data.manifest=$(DEMO)/data/manifest.csv
@@ -66,7 +73,7 @@ demo: $(STAMP)
 	$(SYNTH) --out $(DEMO)/style_b --style b --n-per-class-stain 20 --seed 3
 	$(BIN)/calcinosis evaluate --checkpoint $(CKPT) --baseline-train $(DEMO)/data/manifest.csv \
 		--data $(DEMO)/style_b/manifest.csv --split all --out $(DEMO)/report_style_b
-	$(BIN)/calcinosis synth --region 2048x1536 --mpp 2.0 --seed 3 --out $(DEMO)/region/region.png
+	$(BIN)/calcinosis synth --region 2048x1536 --mpp $(DEMO_MPP) --seed 3 --out $(DEMO)/region/region.png
 	$(BIN)/calcinosis predict $(DEMO)/shifted/manifest.csv $(DEMO)/region/region.png \
 		--checkpoint $(CKPT) --out $(DEMO)/predictions --quiet || test $$? -eq 3
 	$(BIN)/calcinosis robustness --out $(DEMO)/robustness --title "Robustness of the demo model" \
@@ -91,8 +98,8 @@ demo: $(STAMP)
 # single-style training data. Two trainings: about twice the demo's time.
 cross-style: $(STAMP)
 	rm -rf $(CROSS)
-	$(SYNTH) --out $(CROSS)/data_a --style a --supersample 2 --n-per-class-stain 600 --seed 10
-	$(SYNTH) --out $(CROSS)/data_b --style b --supersample 2 --n-per-class-stain 600 --seed 11
+	$(SYNTH) --out $(CROSS)/data_a --style a --supersample 2 --n-per-class-stain $(DEMO_N) --seed 10
+	$(SYNTH) --out $(CROSS)/data_b --style b --supersample 2 --n-per-class-stain $(DEMO_N) --seed 11
 	for s in a b; do \
 		$(BIN)/calcinosis train --config configs/demo.yaml output_dir=$(CROSS)/train_$$s \
 			data.manifest=$(CROSS)/data_$$s/manifest.csv || exit 1; \

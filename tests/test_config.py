@@ -188,3 +188,24 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_expected_configs_are_shipped() -> None:
     assert {p.name for p in SHIPPED} >= {"ci.yaml", "demo.yaml", "default.yaml", "my_data.yaml"}
+
+
+def _makefile_variables() -> dict[str, str]:
+    """The `NAME := value` assignments of the Makefile, as written."""
+    variables = {}
+    for line in (REPO / "Makefile").read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.partition(":=")
+        if sep and name.strip().isidentifier():
+            variables[name.strip()] = value.strip()
+    return variables
+
+
+def test_makefile_demo_data_matches_demo_config() -> None:
+    # `make demo` synthesises its data with DEMO_SIZE/DEMO_MPP and trains with
+    # configs/demo.yaml; if they drift apart the model is trained at one
+    # resolution and told it is another.
+    variables = _makefile_variables()
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert int(variables["DEMO_SIZE"]) == cfg.data.image_size
+    assert float(variables["DEMO_MPP"]) == pytest.approx(cfg.data.mpp)
+    assert "$(DEMO_SIZE)" in variables["SYNTH"] and "$(DEMO_MPP)" in variables["SYNTH"]
