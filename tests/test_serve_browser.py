@@ -67,7 +67,7 @@ def ui_files(ui_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
     mpp = Predictor.from_checkpoint(ui_checkpoint).model_mpp or 0.5
     root = tmp_path_factory.mktemp("ui_files")
-    rgb, _ = render_region(768, 512, seed=3, tile=128, mpp=mpp, workers=1)
+    rgb, labels = render_region(768, 512, seed=3, tile=128, mpp=mpp, workers=1)
     region = root / "region_256.png"
     cv2.imwrite(str(region), cv2.cvtColor(rgb[128:384, 256:512], cv2.COLOR_RGB2BGR))
     slides = root / "slides"
@@ -77,7 +77,31 @@ def ui_files(ui_checkpoint, tmp_path_factory) -> dict[str, Path]:
     notes.write_text("Biopsy 7, left shin: firm white nodules\n")
     glass = root / "glass.png"
     cv2.imwrite(str(glass), np.full((64, 64, 3), 248, np.uint8))
-    return {"patch": PATCH, "region": region, "slides": slides, "notes": notes, "glass": glass}
+    return {
+        "patch": PATCH,
+        "region": region,
+        "slides": slides,
+        "notes": notes,
+        "glass": glass,
+        "typed_region": _deposit_window(labels, 448, 320),
+    }
+
+
+def _deposit_window(labels: np.ndarray, w: int, h: int, step: int = 32) -> str:
+    """``x,y,w,h`` of the w x h window holding the most deposit pixels of the drawn slide.
+
+    Where the generator puts its nodules depends on the mpp it draws at (the
+    model's), so a fixed box can miss them all; this one holds deposits at any.
+    """
+    integral = np.pad((labels > 0).astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    best, where = -1, (0, 0)
+    for y in range(0, labels.shape[0] - h + 1, step):
+        for x in range(0, labels.shape[1] - w + 1, step):
+            n = integral[y + h, x + w] - integral[y, x + w] - integral[y + h, x] + integral[y, x]
+            if n > best:
+                best, where = n, (x, y)
+    assert best > 0, "the fixture slide has no deposits"
+    return f"{where[0]},{where[1]},{w},{h}"
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +323,7 @@ def test_a_text_file_shows_its_error_and_the_page_goes_on(page, ui_files, ui_sho
     assert result_card(page, ui_files["patch"].name).locator(".call").count() == 1
 
 
-def test_open_a_slide_predict_typed_and_drawn_regions(page, ui_shots):
+def test_open_a_slide_predict_typed_and_drawn_regions(page, ui_files, ui_shots):
     tiles: list[int] = []
     page.on("response", lambda r: tiles.append(r.status) if "/api/slides/tile" in r.url else None)
     page.click("#tab-slides")
@@ -309,14 +333,16 @@ def test_open_a_slide_predict_typed_and_drawn_regions(page, ui_shots):
     assert tiles and all(s == 200 for s in tiles)
     assert "768 × 512 px" in page.locator("#slide-meta").inner_text()
     # A typed region.
-    page.fill("#region", "128,64,448,320")
+    typed = ui_files["typed_region"]  # the window with the most deposit pixels
+    page.fill("#region", typed)
     page.click("#predict-region")
     page.wait_for_selector("article.slide-result", timeout=120000)
-    # The map is a PNG that OpenSeadragon loads after the card is drawn: wait for it.
-    page.wait_for_function("state.viewer.world.getItemCount() == 2", timeout=20000)  # the slide and its map
+    # The map is a PNG that OpenSeadragon loads after the card is drawn: wait for it
+    # (the slide and its map).
+    page.wait_for_function("state.viewer.world.getItemCount() == 2", timeout=20000)
     first = page.locator("article.slide-result").first
     assert first.locator(".prow").count() == 5
-    assert "Region 128,64,448,320" in first.locator("h3").inner_text()
+    assert f"Region {typed}" in first.locator("h3").inner_text()
     # A region drawn with the mouse fills the box in level-0 pixels.
     page.click("#draw")
     box = page.locator("#viewer").bounding_box()
