@@ -44,12 +44,14 @@ lint: $(STAMP)
 # H&E patches of $(REAL_DEV) where that folder exists, and the cross-style runs of
 # `make cross-style` where they have been made).
 # The demo's patch size, resolution and count: configs/demo.yaml's data.image_size
-# and data.mpp must agree (tests/test_config.py checks). 96 px at 1.3333 um/px shows
-# the same 128 um field as the earlier 64 px at 2 um/px, sampled finely enough that
-# small amyloid deposits stay visible (README, "Resolution is the synthetic sets' limit").
-DEMO_SIZE := 96
-DEMO_MPP  := 1.3333
-DEMO_N    := 300
+# and data.mpp must agree (tests/test_config.py checks). 128 px at 1 um/px shows
+# the same 128 um field as the earlier 64 px at 2 um/px and 96 px at 1.3333 um/px,
+# sampled finely enough that small amyloid deposits stay visible, at the 1 um/px of
+# a 10x scan (README, "Resolution is the synthetic sets' limit"); 240 patches a class
+# and stain keep the training within the demo's time.
+DEMO_SIZE := 128
+DEMO_MPP  := 1.0
+DEMO_N    := 240
 SYNTH := $(BIN)/calcinosis synth --size $(DEMO_SIZE) --mpp $(DEMO_MPP)
 CKPT   = $(DEMO)/train/best.safetensors
 REAL_DEV ?= ../shared/real-dev/manifest.csv
