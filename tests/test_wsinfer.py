@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -44,6 +45,8 @@ WSINFER_REQUIREMENTS = (
     "openslide-bin==4.0.1.2",
     "jsonschema",
 )
+#: Free disk the environment needs: torch's wheel (a CUDA build) unpacks to about 5.5 GB.
+WSINFER_VENV_BYTES = 7 * 2**30
 MPP = 0.5  # the tiny checkpoint's microns per pixel
 SIZE = 64  # and its input side
 #: A low temperature spreads the random network's probabilities far from uniform,
@@ -243,6 +246,15 @@ def _venv_python() -> Path:
     want = "\n".join(WSINFER_REQUIREMENTS) + "\n"
     if py.is_file() and stamp.is_file() and stamp.read_text() == want:
         return py
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < WSINFER_VENV_BYTES:
+        # fail before pip fills the disk, which would break every test after this one
+        pytest.fail(
+            f"wsinfer's environment needs about {WSINFER_VENV_BYTES / 2**30:.0f} GiB free for "
+            f"{root}, and {existing} has {free / 2**30:.1f} GiB: free disk space, or set "
+            "CALCINOSIS_WSINFER_VENV to a folder on a larger disk"
+        )
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
     proc = subprocess.run(
         [str(py), "-m", "pip", "install", "--quiet", *WSINFER_REQUIREMENTS],
