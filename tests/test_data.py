@@ -527,3 +527,49 @@ def test_load_samples_with_the_real_generator(tmp_path):
     ds = PatchDataset(samples, CLASS_NAMES, transform=build_eval_transform(32, MEAN, STD), mpp=0.5)
     item = ds[0]
     assert item["image"].shape == (3, 32, 32) and int(item["mask"].max()) <= 4
+
+
+def test_fda_reference_is_another_patch_of_the_same_stain(tmp_path):
+    """PatchDataset hands a Fourier-adapting transform a reference of the patch's own stain."""
+    import cv2
+
+    from calcinosis.model.manifest import Sample
+    from calcinosis.training.dataset import PatchDataset
+
+    samples = []
+    for i, (label, stain) in enumerate(
+        [("normal", "he"), ("osteoma_cutis", "he"), ("gout", "he"), ("normal", "von_kossa")]
+    ):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), np.full((16, 16, 3), 10 * (i + 1), np.uint8))
+        samples.append(Sample(path=path, label=label, stain=stain))
+    (tmp_path / "9.png").write_bytes(b"not a png")
+    samples.append(Sample(path=tmp_path / "9.png", label="amyloidosis", stain="he"))
+
+    seen: list[tuple[int, int | None]] = []
+
+    class Recorder:
+        wants_reference = True
+        reference_stains = ("he",)
+
+        def __call__(self, image, mask=None, *, seed=None, reference=None):
+            seen.append(
+                (int(image[0, 0, 0]), None if reference is None else int(reference[0, 0, 0]))
+            )
+            return {"image": torch.zeros(3, 16, 16), "mask": None}
+
+    ds = PatchDataset(samples, transform=Recorder())
+    for seed in range(20):
+        ds.get(0, seed=seed)
+        ds.get(3, seed=seed)
+    he_refs = {r for v, r in seen if v == 10}
+    assert he_refs <= {20, 30} and len(he_refs) == 2  # other H&E patches, never itself
+    assert {r for v, r in seen if v == 40} == {None}  # von Kossa is not a reference stain
+    seen.clear()
+    ds.get(1, seed=5)
+    ds.get(1, seed=5)
+    assert seen[0] == seen[1]  # the item's seed fixes its reference
+    # the unreadable file is skipped as a reference and recorded once
+    for seed in range(30):
+        ds.get(2, seed=seed)
+    assert str(tmp_path / "9.png") in ds.bad_files

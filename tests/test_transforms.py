@@ -404,3 +404,39 @@ def test_scanner_ranges_reach_the_pipeline():
     img = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     out = pipe(image=img, mask=np.zeros((64, 64), np.uint8))
     assert out["image"].shape == (3, 64, 64) and torch.isfinite(out["image"]).all()
+
+
+# --------------------------------------------------------------------------- Fourier domain adaptation
+
+
+def test_fda_takes_low_frequencies_from_the_reference_and_keeps_outlines():
+    img = _he_image(seed=0)
+    # a reference of another colour entirely: a flat blue-grey field with one dark band
+    ref = np.full((96, 96, 3), (120, 140, 190), np.uint8)
+    ref[40:56] = (40, 50, 90)
+    f = build_train_transform(
+        _quiet_aug(flips=False, scale=(1.0, 1.0), fda_prob=1.0, fda_beta=0.05), 64, MEAN, STD
+    )
+    assert f.wants_reference and f.reference_stains == ("he",)
+    plain = build_train_transform(_quiet_aug(flips=False, scale=(1.0, 1.0)), 64, MEAN, STD)(
+        image=img
+    )["image"]
+    own = f(image=img, seed=0)["image"]  # no reference: the patch is its own, nothing changes
+    assert torch.allclose(own, plain, atol=2 / 255 / min(STD))
+    moved = [f(image=img, seed=s, reference=ref)["image"] for s in range(4)]
+    assert max(float((m - plain).abs().mean()) for m in moved) > 0.1
+    # phase is kept: the glass/tissue border stays where it was
+    for m in moved:
+        step = (m[:, :, 1:] - m[:, :, :-1]).abs().mean(dim=(0, 1))
+        assert abs(int(step.argmax()) - (64 // 4 - 1)) <= 2
+
+
+def test_fda_keys_are_checked():
+    from calcinosis.model.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="augment.fda_prob"):
+        AugmentConfig(fda_prob=2.0)
+    with pytest.raises(ConfigError, match="augment.fda_beta"):
+        AugmentConfig(fda_beta=0.0)
+    with pytest.raises(ConfigError, match="augment.fda_stains.*masson"):
+        AugmentConfig(fda_stains=("he", "masson"))

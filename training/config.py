@@ -22,6 +22,7 @@ import yaml
 
 from calcinosis.model.config import ModelConfig
 from calcinosis.model.errors import ConfigError
+from calcinosis.model.labels import STAIN_NAMES
 
 
 @dataclass
@@ -120,6 +121,17 @@ class AugmentConfig:
     random_stain_prob: float = 0.0
     randconv_prob: float = 0.0
     grayscale_prob: float = 0.0
+    # Fourier domain adaptation (albumentations' FDA, Yang & Soatto 2020): with
+    # this probability the lowest frequencies of the patch's amplitude spectrum
+    # (a square of side up to fda_beta x the patch) are swapped for those of
+    # another training patch of the same stain, any class or style; the phase,
+    # and so every outline, stays. Colour, illumination and coarse texture then
+    # come from another class. Only patches of fda_stains are changed: in von
+    # Kossa and Alizarin red the dye's colour is the histochemical finding
+    # (calcium black or red), which the swap would wash out. 0 turns it off.
+    fda_prob: float = 0.0
+    fda_beta: float = 0.05
+    fda_stains: tuple[str, ...] = ("he",)
     # Optional stain normalisation applied to every image (train and inference).
     stain_normalize: Literal["none", "macenko"] = "none"
 
@@ -143,8 +155,16 @@ class AugmentConfig:
             "random_stain_prob",
             "randconv_prob",
             "grayscale_prob",
+            "fda_prob",
         ):
             _require(0 <= getattr(self, key) <= 1, f"augment.{key}", "must be in [0, 1]")
+        _require(0 < self.fda_beta <= 0.5, "augment.fda_beta", "must be in (0, 0.5]")
+        unknown = sorted(set(self.fda_stains) - set(STAIN_NAMES))
+        _require(
+            not unknown,
+            "augment.fda_stains",
+            f"must name stains of {list(STAIN_NAMES)}, got {unknown}",
+        )
         _require(self.hed_sigma >= 0, "augment.hed_sigma", "must be >= 0")
         _require(self.stain_strength >= 0, "augment.stain_strength", "must be >= 0")
         _require(self.brightness_contrast >= 0, "augment.brightness_contrast", "must be >= 0")

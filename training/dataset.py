@@ -9,6 +9,7 @@ file never kills an epoch.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,7 +89,11 @@ class PatchDataset(Dataset):
     ``bad_files`` (path -> reason, per process: DataLoader workers keep their
     own) and replaced by the next readable sample, whose index is the one
     returned. With a ``cache`` (:class:`DecodedCache`, which datasets may
-    share) each patch is read and decoded once per process.
+    share) each patch is read and decoded once per process. A transform with
+    ``wants_reference`` (Fourier domain adaptation) is also given
+    ``reference=`` for a patch of one of its ``reference_stains``: another
+    readable patch of the same stain, drawn from the item's ``seed`` when it
+    has one.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class PatchDataset(Dataset):
                 f"samples have labels {unknown} that are not in class_names {self.class_names}"
             )
         self.bad_files: dict[str, str] = {}
+        self._same_stain: dict[str | None, list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -176,13 +182,36 @@ class PatchDataset(Dataset):
             + "; ".join(list(self.bad_files.values())[:3])
         )
 
+    def _reference(self, i: int, seed: int | None) -> np.ndarray | None:
+        """Another readable patch of sample ``i``'s stain, or None when there is none."""
+        if self._same_stain is None:
+            groups: dict[str | None, list[int]] = {}
+            for j, s in enumerate(self.samples):
+                groups.setdefault(s.stain, []).append(j)
+            self._same_stain = groups
+        pool = self._same_stain[self.samples[i].stain]
+        rng = random.Random(seed ^ 0x5F0A) if seed is not None else random
+        candidates = [j for j in pool if j != i and str(self.samples[j].path) not in self.bad_files]
+        while candidates:
+            j = candidates.pop(rng.randrange(len(candidates)))
+            try:
+                return self.load(j)[0]
+            except (ImageReadError, DataError) as exc:
+                self.bad_files[str(self.samples[j].path)] = str(exc)
+                log.warning("skipping unreadable sample %d (%s): %s", j, self.samples[j].path, exc)
+        return None
+
     def _package(
         self, i: int, image: np.ndarray, mask: np.ndarray | None, seed: int | None
     ) -> dict[str, Any]:
         s = self.samples[i]
         if self.transform is not None:
             # only a seeded item passes ``seed``: any transform(image=, mask=) serves the rest
-            seeded = {} if seed is None else {"seed": seed}
+            seeded: dict[str, Any] = {} if seed is None else {"seed": seed}
+            if getattr(self.transform, "wants_reference", False) and s.stain in getattr(
+                self.transform, "reference_stains", ()
+            ):
+                seeded["reference"] = self._reference(i, seed)
             out = self.transform(image=image, mask=mask, **seeded)
             img_t, mask_t = out["image"], out.get("mask")
         else:

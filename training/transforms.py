@@ -291,8 +291,17 @@ def reseed(compose: A.BaseCompose, seed: int | None) -> None:
     compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
+FDA_KEY = "fda_metadata"
+
+
 class Pipeline:
     """Callable wrapper: albumentations in, torch tensors out, seeded per call or per process.
+
+    A pipeline with a Fourier domain adaptation step (``augment.fda_prob``)
+    has ``wants_reference`` set: its caller passes ``reference=`` (another
+    uint8 patch, any size) with each call for a patch of a stain in
+    ``reference_stains``; without one the patch is its own reference, which
+    leaves it unchanged.
 
     ``pipeline(image, mask, seed=s)`` augments with generators seeded with
     ``s`` for that call alone: the same seed gives the same augmentation
@@ -307,10 +316,17 @@ class Pipeline:
     own threads off there (two worker processes on two cores are enough).
     """
 
-    def __init__(self, compose: A.Compose, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        compose: A.Compose,
+        seed: int | None = None,
+        reference_stains: Sequence[str] = (),
+    ) -> None:
         self.compose = compose
+        self.reference_stains = tuple(reference_stains)
         self.seed = seed
         self._seeded_for: tuple[int, int | None] | None = None
+        self.wants_reference = any(isinstance(t, A.FDA) for t in compose.transforms)
         if seed is not None:
             reseed(self.compose, seed)
 
@@ -333,18 +349,27 @@ class Pipeline:
         self._seeded_for = key
 
     def __call__(
-        self, image: np.ndarray, mask: np.ndarray | None = None, *, seed: int | None = None
+        self,
+        image: np.ndarray,
+        mask: np.ndarray | None = None,
+        *,
+        seed: int | None = None,
+        reference: np.ndarray | None = None,
     ) -> dict[str, Any]:
         image, mask = _check_input(image, mask)
         if seed is None:
             self._seed_for_process()
         else:
             reseed(self.compose, seed)
+        extra: dict[str, Any] = {}
+        if self.wants_reference:
+            ref = image if reference is None else _check_input(reference, None)[0]
+            extra[FDA_KEY] = [ref]
         if mask is None:
-            out = self.compose(image=image)
+            out = self.compose(image=image, **extra)
             mask_t = None
         else:
-            out = self.compose(image=image, mask=mask)
+            out = self.compose(image=image, mask=mask, **extra)
             mask_t = torch.from_numpy(np.ascontiguousarray(out["mask"]).astype(np.int64))
         img = np.ascontiguousarray(out["image"].transpose(2, 0, 1), dtype=np.float32)
         return {"image": torch.from_numpy(img), "mask": mask_t}
@@ -468,6 +493,9 @@ def build_train_transform(
         ops.append(RandConv(p=aug.randconv_prob))
     if aug.grayscale_prob > 0:
         ops.append(A.ToGray(num_output_channels=3, p=aug.grayscale_prob))
+    if aug.fda_prob > 0:
+        # the reference comes with each call (Pipeline's ``reference``, chosen by PatchDataset)
+        ops.append(A.FDA(beta_limit=(0.0, aug.fda_beta), metadata_key=FDA_KEY, p=aug.fda_prob))
     if aug.brightness_contrast > 0:
         bc = aug.brightness_contrast
         ops.append(A.RandomBrightnessContrast(brightness_limit=bc, contrast_limit=bc, p=0.5))
@@ -491,4 +519,4 @@ def build_train_transform(
     if aug.jpeg_prob > 0:
         ops.append(A.ImageCompression(quality_range=tuple(aug.jpeg_quality), p=aug.jpeg_prob))
     ops += _tail(mean, std)
-    return Pipeline(A.Compose(ops), seed=seed)
+    return Pipeline(A.Compose(ops), seed=seed, reference_stains=aug.fda_stains)
