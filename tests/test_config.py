@@ -209,3 +209,22 @@ def test_makefile_demo_data_matches_demo_config() -> None:
     assert int(variables["DEMO_SIZE"]) == cfg.data.image_size
     assert float(variables["DEMO_MPP"]) == pytest.approx(cfg.data.mpp)
     assert "$(DEMO_SIZE)" in variables["SYNTH"] and "$(DEMO_MPP)" in variables["SYNTH"]
+
+
+def test_save_config_replaces_the_file_rather_than_rewriting_it(tmp_path):
+    """Ranks of a resumed DDP run read config.yaml while rank 0 rewrites it: the
+    write must be a rename of a finished file (a new inode), never a truncate and
+    refill that a reader can catch half done."""
+    from calcinosis.training.config import config_from_dict, load_config, save_config
+
+    path = tmp_path / "config.yaml"
+    cfg = config_from_dict({"train": {"epochs": 3}})
+    save_config(cfg, path)
+    reader = path.open()  # a rank reading the old file keeps reading the old file
+    before = path.stat().st_ino
+    save_config(config_from_dict({"train": {"epochs": 4}}), path)
+    assert path.stat().st_ino != before
+    assert "epochs: 3" in reader.read()
+    reader.close()
+    assert load_config(path).train.epochs == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left

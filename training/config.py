@@ -22,6 +22,7 @@ import yaml
 
 from calcinosis.model.config import ModelConfig
 from calcinosis.model.errors import ConfigError
+from calcinosis.model.fileio import atomic_write_text
 from calcinosis.model.labels import STAIN_NAMES
 
 
@@ -377,7 +378,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write ``cfg`` as YAML atomically: a resumed DDP run's other ranks read the file
+    (to check the config) while rank 0 rewrites it, and must never see it half written."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
