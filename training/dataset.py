@@ -190,10 +190,13 @@ class PatchDataset(Dataset):
                 groups.setdefault(s.stain, []).append(j)
             self._same_stain = groups
         pool = self._same_stain[self.samples[i].stain]
-        rng = random.Random(seed ^ 0x5F0A) if seed is not None else random
-        candidates = [j for j in pool if j != i and str(self.samples[j].path) not in self.bad_files]
-        while candidates:
-            j = candidates.pop(rng.randrange(len(candidates)))
+        # walk the pool from a random start: the first usable patch, found at once
+        # unless many are unreadable, instead of filtering the whole pool per item
+        start = (random.Random(seed ^ 0x5F0A) if seed is not None else random).randrange(len(pool))
+        for k in range(len(pool)):
+            j = pool[(start + k) % len(pool)]
+            if j == i or str(self.samples[j].path) in self.bad_files:
+                continue
             try:
                 return self.load(j)[0]
             except (ImageReadError, DataError) as exc:
