@@ -421,9 +421,12 @@ def test_fda_takes_low_frequencies_from_the_reference_and_keeps_outlines():
     plain = build_train_transform(_quiet_aug(flips=False, scale=(1.0, 1.0)), 64, MEAN, STD)(
         image=img
     )["image"]
-    own = f(image=img, seed=0)["image"]  # no reference: the patch is its own, nothing changes
-    assert torch.allclose(own, plain, atol=2 / 255 / min(STD))
+    own = f(image=img, seed=0)["image"]  # no reference: nothing changes
+    assert torch.equal(own, plain)
     moved = [f(image=img, seed=s, reference=ref)["image"] for s in range(4)]
+    # a DataLoader worker's copy does the same with the same seed and reference
+    g = pickle.loads(pickle.dumps(f))
+    assert torch.equal(g(image=img, seed=0, reference=ref)["image"], moved[0])
     assert max(float((m - plain).abs().mean()) for m in moved) > 0.1
     # phase is kept: the glass/tissue border stays where it was
     for m in moved:

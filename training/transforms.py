@@ -53,6 +53,7 @@ __all__ = [
     "Pipeline",
     "RandConv",
     "RandomStainMatrix",
+    "ReferenceFDA",
     "build_eval_transform",
     "build_train_transform",
     "reseed",
@@ -294,14 +295,34 @@ def reseed(compose: A.BaseCompose, seed: int | None) -> None:
 FDA_KEY = "fda_metadata"
 
 
+class ReferenceFDA(A.FDA):
+    """albumentations' ``FDA``, doing nothing for a call whose reference list is empty.
+
+    A call without a reference (a stain outside ``augment.fda_stains``) leaves
+    the patch as it is and skips the Fourier transforms, instead of swapping
+    the patch's spectrum with its own to no effect.
+    """
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        if not data.get(self.metadata_key):
+            return {"target_image": None, "beta": 0.0}
+        return super().get_params_dependent_on_data(params, data)
+
+    def apply(
+        self, img: np.ndarray, target_image: np.ndarray | None, beta: float, **params: Any
+    ) -> np.ndarray:
+        return img if target_image is None else super().apply(img, target_image, beta, **params)
+
+
 class Pipeline:
     """Callable wrapper: albumentations in, torch tensors out, seeded per call or per process.
 
     A pipeline with a Fourier domain adaptation step (``augment.fda_prob``)
     has ``wants_reference`` set: its caller passes ``reference=`` (another
     uint8 patch, any size) with each call for a patch of a stain in
-    ``reference_stains``; without one the patch is its own reference, which
-    leaves it unchanged.
+    ``reference_stains``; without one the step leaves the patch unchanged.
 
     ``pipeline(image, mask, seed=s)`` augments with generators seeded with
     ``s`` for that call alone: the same seed gives the same augmentation
@@ -326,7 +347,7 @@ class Pipeline:
         self.reference_stains = tuple(reference_stains)
         self.seed = seed
         self._seeded_for: tuple[int, int | None] | None = None
-        self.wants_reference = any(isinstance(t, A.FDA) for t in compose.transforms)
+        self.wants_reference = any(isinstance(t, ReferenceFDA) for t in compose.transforms)
         if seed is not None:
             reseed(self.compose, seed)
 
@@ -362,9 +383,8 @@ class Pipeline:
         else:
             reseed(self.compose, seed)
         extra: dict[str, Any] = {}
-        if self.wants_reference:
-            ref = image if reference is None else _check_input(reference, None)[0]
-            extra[FDA_KEY] = [ref]
+        if self.wants_reference:  # albumentations wants the key; empty = no reference
+            extra[FDA_KEY] = [] if reference is None else [_check_input(reference, None)[0]]
         if mask is None:
             out = self.compose(image=image, **extra)
             mask_t = None
@@ -495,7 +515,9 @@ def build_train_transform(
         ops.append(A.ToGray(num_output_channels=3, p=aug.grayscale_prob))
     if aug.fda_prob > 0:
         # the reference comes with each call (Pipeline's ``reference``, chosen by PatchDataset)
-        ops.append(A.FDA(beta_limit=(0.0, aug.fda_beta), metadata_key=FDA_KEY, p=aug.fda_prob))
+        ops.append(
+            ReferenceFDA(beta_limit=(0.0, aug.fda_beta), metadata_key=FDA_KEY, p=aug.fda_prob)
+        )
     if aug.brightness_contrast > 0:
         bc = aug.brightness_contrast
         ops.append(A.RandomBrightnessContrast(brightness_limit=bc, contrast_limit=bc, p=0.5))
