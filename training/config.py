@@ -131,6 +131,11 @@ class AugmentConfig:
     # Kossa and Alizarin red the dye's colour is the histochemical finding
     # (calcium black or red), which the swap would wash out. 0 turns it off.
     fda_prob: float = 0.0
+    # With this probability a patch's stained areas get a fine fibrillar
+    # texture (training/transforms.py FibreTexture): thin random streaks and
+    # grain in optical density, as collagen, bone lamellae and section chatter
+    # give real tissue; the renderer's flat fills do not. 0 turns it off.
+    texture_prob: float = 0.0
     fda_beta: float = 0.05
     fda_stains: tuple[str, ...] = ("he",)
     # Optional stain normalisation applied to every image (train and inference).
@@ -157,6 +162,7 @@ class AugmentConfig:
             "randconv_prob",
             "grayscale_prob",
             "fda_prob",
+            "texture_prob",
         ):
             _require(0 <= getattr(self, key) <= 1, f"augment.{key}", "must be in [0, 1]")
         _require(0 < self.fda_beta <= 0.5, "augment.fda_beta", "must be in (0, 0.5]")
@@ -228,6 +234,12 @@ class TrainConfig:
     # initialised heads otherwise send large gradients into the encoder early
     # and distort the features that transfer. 0 (default) fine-tunes all at once.
     freeze_encoder_epochs: int = 0
+    # Keep the pretrained encoder's batch-norm running statistics (its ImageNet
+    # means and variances) for the whole run: its batch-norm layers stay in eval
+    # mode while their scales and shifts still learn. Fine-tuning otherwise
+    # re-estimates them on the training patches, here synthetic ones, so that
+    # features of real tissue are normalised by statistics of the generator.
+    freeze_bn_stats: bool = False
     # MixStyle (Zhou et al. 2021; training/mixstyle.py): with this probability a
     # batch's per-channel feature means and deviations at each level of
     # mixstyle_levels are mixed with another patch's of the same stain, so the

@@ -117,6 +117,21 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autoc
 # --------------------------------------------------------------------------- training
 
 
+def freeze_batchnorm_stats(module: torch.nn.Module) -> int:
+    """Put every batch-norm layer of ``module`` in eval mode; returns how many.
+
+    Eval mode normalises with the running statistics and stops updating them;
+    the layers' affine weights still get gradients. Call after ``.train()``,
+    which would switch them back.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            n += 1
+    return n
+
+
 def train_one_epoch(
     ctx: TrainContext, run: RunState, stop: GracefulStop, on_step: Any | None = None
 ) -> dict[str, float]:
@@ -131,6 +146,8 @@ def train_one_epoch(
         # linear probing: the scheduler holds the encoder's rate at 0; eval mode
         # keeps its batch-norm statistics (and its dropout) as pretrained too
         ctx.net.encoder.eval()
+    elif ctx.cfg.train.freeze_bn_stats:
+        freeze_batchnorm_stats(ctx.net.encoder)
     images, start = 0, time.perf_counter()
     bar = tqdm(
         total=ctx.steps,
