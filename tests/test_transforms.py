@@ -14,6 +14,7 @@ from calcinosis.training import transforms as tr
 from calcinosis.training.config import AugmentConfig
 from calcinosis.training.transforms import (
     MACENKO_REF_STAINS,
+    FibreTexture,
     HEDJitter,
     MacenkoNormalizer,
     RandConv,
@@ -371,10 +372,44 @@ def test_randconv_keeps_outlines_and_range():
     assert np.array_equal(t.apply(img, weights=w, alpha=1.0), img)
 
 
+def test_fibre_texture_streaks_stained_areas_along_one_direction_and_keeps_glass():
+    # a flat pink fill (no structure of its own) with glass on the left quarter
+    img = np.zeros((96, 96, 3), np.uint8)
+    img[:] = 255
+    img[:, 24:] = (230, 150, 190)
+    t = FibreTexture(strength=(0.4, 0.4), sigma_along=(6.0, 6.0), sigma_across=(0.6, 0.6), p=1.0)
+    outs = []
+    for seed in range(4):
+        t.set_random_seed(seed)
+        out = t(image=img)["image"]
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert (out[:, :24] == 255).all()  # glass has no density to texture
+        od = tr.rgb_to_od(out)[:, 30:].sum(axis=2)
+        assert od.std() > 0.05 * od.mean()  # the flat fill now has grain
+        # streaks: the density correlates far more along some direction than
+        # across it (a flat field, or isotropic noise, would not)
+        corr = []
+        for dy, dx in ((0, 3), (3, 0), (3, 3), (3, -3)):
+            a = od[6:-6, 6:-6]
+            b = np.roll(np.roll(od, -dy, 0), -dx, 1)[6:-6, 6:-6]
+            corr.append(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+        assert max(corr) - min(corr) > 0.3
+        outs.append(out)
+    assert not np.array_equal(outs[0], outs[1])
+    t.set_random_seed(2)
+    assert np.array_equal(t(image=img)["image"], outs[2])  # seeded: repeatable
+    # the mask rides through the training pipeline untouched
+    f = build_train_transform(
+        _quiet_aug(texture_prob=1.0, flips=False, scale=(1.0, 1.0)), 64, MEAN, STD, seed=1
+    )
+    assert any(type(op).__name__ == "FibreTexture" for op in f.compose.transforms)
+    assert torch.equal(f(image=_he_image(), mask=_mask())["mask"], torch.from_numpy(_mask()).long())
+
+
 def test_style_randomisation_keys_are_checked():
     from calcinosis.model.errors import ConfigError
 
-    for key in ("random_stain_prob", "randconv_prob", "grayscale_prob"):
+    for key in ("random_stain_prob", "randconv_prob", "grayscale_prob", "texture_prob"):
         with pytest.raises(ConfigError, match=f"augment.{key}"):
             AugmentConfig(**{key: 1.5})
 

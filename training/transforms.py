@@ -48,6 +48,7 @@ from .threads import set_cv2_threads
 
 __all__ = [
     "EvalTransform",
+    "FibreTexture",
     "HEDJitter",
     "MacenkoNormalizer",
     "Pipeline",
@@ -212,6 +213,77 @@ class RandConv(ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("kernel_sizes",)
+
+
+class FibreTexture(ImageOnlyTransform):
+    """Fine fibrillar texture laid over every stained structure, in optical density.
+
+    Real tissue is never a flat fill: collagen, bone matrix, cartilage and
+    deposits all carry fine streaks (fibrils, lamellae, knife chatter) and
+    density grain, while a renderer draws smooth areas inside crisp outlines.
+    A model trained on the flat fills can take texture itself as a sign of one
+    class and meet it in every real patch. Here white noise is smeared along
+    two random directions by thin anisotropic Gaussians (``sigma_along`` by
+    ``sigma_across`` px), blended by a smooth random mask so the grain bends
+    from one direction to the other, and each pixel's optical density is
+    scaled by ``exp(strength * noise)``: stained areas get streaks, glass
+    (zero density) stays white, outlines and the label map stay where they
+    are, and since every class gets the same texture it tells none apart.
+    """
+
+    def __init__(
+        self,
+        strength: tuple[float, float] = (0.1, 0.45),
+        sigma_along: tuple[float, float] = (2.0, 8.0),
+        sigma_across: tuple[float, float] = (0.4, 1.2),
+        p: float = 0.5,
+    ) -> None:
+        super().__init__(p=p)
+        self.strength = (float(strength[0]), float(strength[1]))
+        self.sigma_along = (float(sigma_along[0]), float(sigma_along[1]))
+        self.sigma_across = (float(sigma_across[0]), float(sigma_across[1]))
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        rng = self.random_generator
+        along = float(rng.uniform(*self.sigma_along))
+        across = float(rng.uniform(*self.sigma_across))
+        theta = float(rng.uniform(0.0, math.pi))
+        fields = []
+        for angle in (theta, theta + float(rng.uniform(-0.8, 0.8))):
+            noise = rng.standard_normal((h, w)).astype(np.float32)
+            k = _streak_kernel(along, across, angle)
+            fields.append(cv2.filter2D(noise, -1, k, borderType=cv2.BORDER_REFLECT))
+        # a smooth blend between the two directions (about a fifth of the patch)
+        mask = rng.standard_normal((h, w)).astype(np.float32)
+        mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=max(h, w) / 5.0)
+        mask = 1.0 / (1.0 + np.exp(-mask / (float(mask.std()) + 1e-6) * 2.0))
+        tex = mask * fields[0] + (1.0 - mask) * fields[1]
+        tex -= float(tex.mean())
+        tex /= float(tex.std()) + 1e-6
+        return {"texture": tex * float(rng.uniform(*self.strength))}
+
+    def apply(self, img: np.ndarray, texture: np.ndarray | None = None, **_: Any) -> np.ndarray:
+        if texture is None or texture.shape != img.shape[:2]:
+            return img
+        od = rgb_to_od(img)
+        od *= np.exp(texture)[:, :, None]
+        return od_to_rgb(od)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("strength", "sigma_along", "sigma_across")
+
+
+def _streak_kernel(along: float, across: float, angle: float) -> np.ndarray:
+    """A normalised Gaussian kernel ``along`` x ``across`` px (sigmas), long axis at ``angle``."""
+    r = int(math.ceil(3.0 * along))
+    y, x = np.mgrid[-r : r + 1, -r : r + 1].astype(np.float32)
+    u = x * math.cos(angle) + y * math.sin(angle)
+    v = -x * math.sin(angle) + y * math.cos(angle)
+    k = np.exp(-0.5 * ((u / along) ** 2 + (v / across) ** 2))
+    return (k / k.sum()).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- Macenko
@@ -511,6 +583,8 @@ def build_train_transform(
         ops.append(RandomStainMatrix(sigma=0.25, p=aug.random_stain_prob))
     if aug.randconv_prob > 0:
         ops.append(RandConv(p=aug.randconv_prob))
+    if aug.texture_prob > 0:
+        ops.append(FibreTexture(p=aug.texture_prob))
     if aug.grayscale_prob > 0:
         ops.append(A.ToGray(num_output_channels=3, p=aug.grayscale_prob))
     if aug.fda_prob > 0:
