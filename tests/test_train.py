@@ -421,6 +421,23 @@ def test_frozen_encoder_schedule_holds_zero_then_ramps_into_the_cosine() -> None
     assert all(f(i) == pytest.approx(base(i)) for i in range(29, 120))
 
 
+def _record_initial_weights(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """A dict that the next training run fills with its weights as its first epoch starts.
+
+    Clear it before each further run to record that run's start.
+    """
+    first: dict[str, torch.Tensor] = {}
+    original = T.train_one_epoch
+
+    def before(ctx, run, stop, on_step=None):  # type: ignore[no-untyped-def]
+        if not first:
+            first.update({k: v.detach().clone() for k, v in ctx.net.state_dict().items()})
+        return original(ctx, run, stop, on_step)
+
+    monkeypatch.setattr("calcinosis.training.train.train_one_epoch", before)
+    return first
+
+
 def test_linear_probing_epochs_leave_the_encoder_as_pretrained(
     tmp_path: Path, train_manifest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -437,16 +454,8 @@ def test_linear_probing_epochs_leave_the_encoder_as_pretrained(
         seen[run.epoch] = {k: v.detach().clone() for k, v in ctx.net.state_dict().items()}
         return original(ctx, run, images, seconds)
 
-    first: dict[str, torch.Tensor] = {}
-    original_ctx = T.train_one_epoch
-
-    def before(ctx, run, stop, on_step=None):  # type: ignore[no-untyped-def]
-        if not first:
-            first.update({k: v.detach().clone() for k, v in ctx.net.state_dict().items()})
-        return original_ctx(ctx, run, stop, on_step)
-
     monkeypatch.setattr(engine, "_epoch_means", snapshot)
-    monkeypatch.setattr("calcinosis.training.train.train_one_epoch", before)
+    first = _record_initial_weights(monkeypatch)
     over = ("train.epochs=2", "train.freeze_encoder_epochs=1", "train.max_steps_per_epoch=3")
     straight = tmp_path / "straight"
     T.train(make_train_cfg(train_manifest, straight, *over))
@@ -471,31 +480,23 @@ def test_frozen_batchnorm_statistics_stay_pretrained_while_everything_learns(
     # train.freeze_bn_stats: after a run the encoder's batch-norm running means
     # and variances are the initial ones, while its convolutions and the
     # batch-norm scales moved; without the key the statistics move too.
-    first: dict[str, torch.Tensor] = {}
-    original_ctx = T.train_one_epoch
-
-    def before(ctx, run, stop, on_step=None):  # type: ignore[no-untyped-def]
-        if not first:
-            first.update({k: v.detach().clone() for k, v in ctx.net.state_dict().items()})
-        return original_ctx(ctx, run, stop, on_step)
-
-    monkeypatch.setattr("calcinosis.training.train.train_one_epoch", before)
+    first = _record_initial_weights(monkeypatch)
     over = ("train.epochs=1", "train.max_steps_per_epoch=2", "train.ema_decay=0")
+    starts: dict[bool, dict[str, torch.Tensor]] = {}
     ends: dict[bool, dict[str, torch.Tensor]] = {}
-    start: dict[str, torch.Tensor] = {}
     for frozen in (True, False):
         first.clear()
         out = tmp_path / str(frozen)
         T.train(make_train_cfg(train_manifest, out, *over, f"train.freeze_bn_stats={frozen}"))
         last = load_safetensors(out / "last.safetensors")
+        starts[frozen] = dict(first)
         ends[frozen] = {k: last[k] for k in first if k.startswith("encoder.") and k in last}
-        start = start if frozen is False else dict(first)
     stats = [k for k in ends[True] if k.endswith(("running_mean", "running_var"))]
     bn_scales = [k.replace("running_mean", "weight") for k in stats if "running_mean" in k]
     assert stats and bn_scales
-    assert all(torch.equal(ends[True][k], start[k]) for k in stats)
-    assert any(not torch.equal(ends[True][k], start[k]) for k in bn_scales)
-    assert any(not torch.equal(ends[False][k], start[k]) for k in stats)
+    assert all(torch.equal(ends[True][k], starts[True][k]) for k in stats)
+    assert any(not torch.equal(ends[True][k], starts[True][k]) for k in bn_scales)
+    assert any(not torch.equal(ends[False][k], starts[False][k]) for k in stats)
 
 
 def test_rng_state_survives_weights_only_round_trip(tmp_path: Path) -> None:

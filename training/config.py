@@ -122,6 +122,11 @@ class AugmentConfig:
     random_stain_prob: float = 0.0
     randconv_prob: float = 0.0
     grayscale_prob: float = 0.0
+    # With this probability a patch's stained areas get a fine fibrillar
+    # texture (training/transforms.py FibreTexture): thin random streaks and
+    # grain in optical density, as collagen, bone lamellae and section chatter
+    # give real tissue; the renderer's flat fills do not. 0 turns it off.
+    texture_prob: float = 0.0
     # Fourier domain adaptation (albumentations' FDA, Yang & Soatto 2020): with
     # this probability the lowest frequencies of the patch's amplitude spectrum
     # (a square of side up to fda_beta x the patch) are swapped for those of
@@ -131,11 +136,6 @@ class AugmentConfig:
     # Kossa and Alizarin red the dye's colour is the histochemical finding
     # (calcium black or red), which the swap would wash out. 0 turns it off.
     fda_prob: float = 0.0
-    # With this probability a patch's stained areas get a fine fibrillar
-    # texture (training/transforms.py FibreTexture): thin random streaks and
-    # grain in optical density, as collagen, bone lamellae and section chatter
-    # give real tissue; the renderer's flat fills do not. 0 turns it off.
-    texture_prob: float = 0.0
     fda_beta: float = 0.05
     fda_stains: tuple[str, ...] = ("he",)
     # Optional stain normalisation applied to every image (train and inference).

@@ -117,19 +117,16 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autoc
 # --------------------------------------------------------------------------- training
 
 
-def freeze_batchnorm_stats(module: torch.nn.Module) -> int:
-    """Put every batch-norm layer of ``module`` in eval mode; returns how many.
+def freeze_batchnorm_stats(module: torch.nn.Module) -> None:
+    """Put every batch-norm layer of ``module`` in eval mode.
 
     Eval mode normalises with the running statistics and stops updating them;
     the layers' affine weights still get gradients. Call after ``.train()``,
     which would switch them back.
     """
-    n = 0
     for m in module.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
-            n += 1
-    return n
 
 
 def train_one_epoch(

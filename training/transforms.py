@@ -266,7 +266,7 @@ class FibreTexture(ImageOnlyTransform):
         return {"texture": tex * float(rng.uniform(*self.strength))}
 
     def apply(self, img: np.ndarray, texture: np.ndarray | None = None, **_: Any) -> np.ndarray:
-        if texture is None or texture.shape != img.shape[:2]:
+        if texture is None:
             return img
         od = rgb_to_od(img)
         od *= np.exp(texture)[:, :, None]
