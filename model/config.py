@@ -71,6 +71,16 @@ def _no_weights_for(name: str, entries: tuple[NamedInitWeights, ...], backbone: 
     )
 
 
+#: ``model.class_head`` values: what the diagnosis is computed from.
+#: ``features+deposits``: the encoder's pooled deepest features plus the mean and
+#: max of each deposit label's probability (the decoder's map). ``deposits``: those
+#: deposit statistics alone, so the diagnosis is what the decoder segmented; the
+#: decoder learns from dense pixel labels and transfers to other renderings and
+#: to real tissue better than the pooled features do (README, "Diagnosis from
+#: the deposit map").
+CLASS_HEAD_INPUTS = ("features+deposits", "deposits")
+
+
 @dataclass
 class ModelConfig:
     # Any timm model name that supports ``features_only``; resnet18 trains in
@@ -88,6 +98,10 @@ class ModelConfig:
     decoder_channels: int = 64
     # Dropout before the class and stain heads; mild regularisation.
     drop_rate: float = 0.1
+    # What the diagnosis is computed from (see CLASS_HEAD_INPUTS): the pooled
+    # deepest features together with the deposit map's statistics, or the
+    # deposit map's statistics alone.
+    class_head: str = "features+deposits"
     # Output vocabularies; training sets them from the data, inference reads them.
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     stain_names: list[str] = field(default_factory=lambda: list(STAIN_NAMES))
@@ -102,6 +116,11 @@ class ModelConfig:
             raise ConfigError(f"model.decoder_channels must be >= 1, got {self.decoder_channels}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.class_head not in CLASS_HEAD_INPUTS:
+            raise ConfigError(
+                f"model.class_head must be one of {', '.join(CLASS_HEAD_INPUTS)}, "
+                f"got {self.class_head!r}"
+            )
         for key in ("class_names", "stain_names", "deposit_labels"):
             names = getattr(self, key)
             if len(names) < 2 or len(set(names)) != len(names):

@@ -40,6 +40,12 @@ class PooledHead(nn.Sequential):
         )
 
 
+def deposit_statistics(deposit_logits: torch.Tensor) -> torch.Tensor:
+    """``(N, 2D)``: the mean (area) then the max (presence) of each deposit label's probability."""
+    probs = deposit_logits.float().softmax(dim=1)
+    return torch.cat([probs.mean(dim=(2, 3)), probs.amax(dim=(2, 3))], dim=1)
+
+
 class DepositAwareClassHead(nn.Module):
     """Diagnosis from pooled deep features plus what the deposit map found.
 
@@ -50,20 +56,37 @@ class DepositAwareClassHead(nn.Module):
     network segments, and makes a small model learn the classes in a few epochs.
     Where masks are missing the decoder is still trained by the class loss
     through this path.
+
+    With ``use_features=False`` (``model.class_head: deposits``) the head sees
+    the deposit statistics only: the diagnosis is then what the decoder
+    segmented, and the class loss reaches the encoder through the decoder.
     """
 
     def __init__(
-        self, in_channels: int, num_deposit_labels: int, num_classes: int, drop_rate: float
+        self,
+        in_channels: int,
+        num_deposit_labels: int,
+        num_classes: int,
+        drop_rate: float,
+        use_features: bool = True,
     ) -> None:
         super().__init__()
+        self.use_features = use_features
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(in_channels + 2 * num_deposit_labels, num_classes)
+        width = 2 * num_deposit_labels + (in_channels if use_features else 0)
+        # Alone, the statistics (probabilities in [0, 1]) are standardised first:
+        # a linear layer on them needs weights of several units to separate the
+        # classes, which Adam at the usual learning rates takes thousands of steps
+        # to reach (a first run sat at chance for its first epoch).
+        self.norm = nn.Identity() if use_features else nn.BatchNorm1d(2 * num_deposit_labels)
+        self.fc = nn.Linear(width, num_classes)
 
     def forward(self, deepest: torch.Tensor, deposit_logits: torch.Tensor) -> torch.Tensor:
+        stats = deposit_statistics(deposit_logits)
+        if not self.use_features:
+            return self.fc(self.norm(stats.to(self.fc.weight.dtype)))
         pooled = self.pool(deepest).flatten(1)
-        probs = deposit_logits.float().softmax(dim=1)
-        stats = torch.cat([probs.mean(dim=(2, 3)), probs.amax(dim=(2, 3))], dim=1)
         return self.fc(self.drop(torch.cat([pooled, stats.to(pooled.dtype)], dim=1)))
 
 
@@ -131,7 +154,11 @@ class CalcinosisNet(nn.Module):
         )
         self.segmentation_head = nn.Conv2d(config.decoder_channels, len(config.deposit_labels), 1)
         self.classification_head = DepositAwareClassHead(
-            channels[-1], len(config.deposit_labels), len(config.class_names), config.drop_rate
+            channels[-1],
+            len(config.deposit_labels),
+            len(config.class_names),
+            config.drop_rate,
+            use_features=config.class_head == "features+deposits",
         )
         self.stain_head = PooledHead(channels[-1], len(config.stain_names), config.drop_rate)
 
@@ -144,7 +171,7 @@ class CalcinosisNet(nn.Module):
         """Raw logits for the three tasks; deposits at the input resolution."""
         features = self.encoder(x)
         deepest = features[-1]
-        deposit = self.segmentation_head(self.decoder([features[i] for i in self.decoder_levels]))
+        deposit = self.deposit_map(features)
         class_logits = self.classification_head(deepest, deposit)
         deposit = F.interpolate(deposit, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return {
@@ -152,6 +179,10 @@ class CalcinosisNet(nn.Module):
             "stain_logits": self.stain_head(deepest),
             "deposit_logits": deposit,
         }
+
+    def deposit_map(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Deposit logits at the decoder's resolution (what the class head reads)."""
+        return self.segmentation_head(self.decoder([features[i] for i in self.decoder_levels]))
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

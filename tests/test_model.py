@@ -171,6 +171,38 @@ def test_save_load_round_trip(built_models, batch, tmp_path):
     assert loaded.data_config["mean"] == model.data_config["mean"]
 
 
+def test_deposit_only_class_head_reads_the_deposit_map_alone(batch, tmp_path):
+    """model.class_head: deposits: the diagnosis is a function of the deposit logits only.
+
+    Changing the deepest features while holding the deposit logits fixed must not
+    move the class logits (it does with the default head), and the head's width is
+    the deposit statistics' (mean and max per label); the choice survives a
+    checkpoint round trip.
+    """
+    model = _build("resnet18", class_head="deposits").eval()
+    head = model.classification_head
+    labels = len(model.config.deposit_labels)
+    assert head.fc.in_features == 2 * labels
+    deepest = torch.randn(2, 512, 2, 2, generator=torch.Generator().manual_seed(3))
+    deposit = torch.randn(2, labels, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(head(deepest, deposit), head(5 * deepest + 1, deposit))
+        assert not torch.equal(head(deepest, deposit), head(deepest, deposit.flip(1)))
+    default = _build("resnet18").eval().classification_head
+    with torch.no_grad():
+        assert not torch.allclose(default(deepest, deposit), default(5 * deepest + 1, deposit))
+    path = save_checkpoint(tmp_path / "d.safetensors", model, _metadata())
+    loaded, meta = load_checkpoint(path)
+    assert meta["model"]["class_head"] == "deposits"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model(batch))
+
+
+def test_unknown_class_head_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.class_head must be one of features"):
+        ModelConfig(class_head="pixels")
+
+
 def test_round_trip_of_channels_last_model(built_models, batch, tmp_path):
     # channels_last weights are not contiguous; safetensors needs them to be.
     model = copy.deepcopy(built_models["resnet18"]).to(memory_format=torch.channels_last)

@@ -101,6 +101,50 @@ def test_one_step_run_writes_complete_run_folder(one_step_run: Path, train_manif
     assert out["deposit_logits"].shape == (1, 5, 64, 64)
 
 
+def test_deposit_readout_diagnoses_from_the_deposit_map(
+    train_manifest: Path, tmp_path: Path
+) -> None:
+    """deposit_readout: best.safetensors gets the readout head, fitted and calibrated.
+
+    Its class logits then follow the deposit statistics alone (the deepest
+    features do not move them), the head's inputs are standardised by the
+    training split's statistics, calibration is fitted on it, and
+    last.safetensors keeps the trained head as the resume point.
+    """
+    from calcinosis.model.network import deposit_statistics
+
+    out = tmp_path / "readout"
+    cfg = make_train_cfg(train_manifest, out, "train.max_steps_per_epoch=1", "deposit_readout=true")
+    T.train(cfg)
+    best, meta = load_checkpoint(out / "best.safetensors")
+    last, last_meta = load_checkpoint(out / "last.safetensors")
+    assert meta["model"]["class_head"] == "deposits"
+    assert last_meta["model"]["class_head"] == "features+deposits"
+    info = meta["deposit_readout"]
+    assert info["fitted_on"] == "train" and info["samples"] == 20  # the training split
+    cal = json.loads((out / "calibration.json").read_text())
+    assert meta["temperature"] == pytest.approx(cal["temperature"])
+    head = best.classification_head
+    assert head.fc.in_features == 2 * len(best.config.deposit_labels)
+    # the readout's standardisation is the training split's statistics, not batch norm's init
+    assert not torch.allclose(head.norm.running_mean, torch.zeros_like(head.norm.running_mean))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = best.encoder(x)
+        deposit = best.deposit_map(features)
+        expected = head.fc(head.norm(deposit_statistics(deposit)))
+        torch.testing.assert_close(best(x)["class_logits"], expected)
+        # the trunk is the trained one: same deposit maps as last's where weights agree
+        for key, value in last.state_dict().items():
+            if not key.startswith("classification_head."):
+                torch.testing.assert_close(best.state_dict()[key], value)
+
+
+def test_class_head_is_not_a_training_key(train_manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="deposit_readout: true"):
+        make_train_cfg(train_manifest, tmp_path / "x", "model.class_head=deposits")
+
+
 def test_existing_run_needs_resume(one_step_run: Path, train_manifest: Path) -> None:
     cfg = make_train_cfg(train_manifest, one_step_run, "train.max_steps_per_epoch=1")
     with pytest.raises(ConfigError, match="--resume"):

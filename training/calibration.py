@@ -69,6 +69,10 @@ def calibrate(
     temperature = result["temperature"]
     for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
         net, meta = load_checkpoint(run_dir / name)
+        if net.config.class_head != model.config.class_head:
+            # last.safetensors after a deposit readout: another class head, whose
+            # logits this temperature was not fitted on (it is the resume point).
+            continue
         meta["temperature"] = temperature
         meta["calibration"] = {
             k: result[k] for k in ("tta", "samples", "ece_before", "ece_after", "temperatures")

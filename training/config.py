@@ -315,6 +315,19 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     # Fit a softmax temperature on the validation split after training.
     calibrate: bool = True
+    # After training, replace the best checkpoint's class head by a logistic
+    # regression on the deposit map's statistics alone, fitted on the training
+    # split (training/readout.py): the diagnosis is then what the decoder
+    # segmented. Meant for data with deposit masks (a mask column, or synthetic).
+    deposit_readout: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model.class_head != "features+deposits":
+            raise ConfigError(
+                f"config key 'model.class_head' is {self.model.class_head!r}: a network trains "
+                "with the class head 'features+deposits'; to diagnose from the deposit map, "
+                "set deposit_readout: true (the readout is fitted after training)"
+            )
 
 
 def _require(ok: bool, key: str, what: str) -> None:

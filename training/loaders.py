@@ -203,3 +203,23 @@ def build_loaders(
         val_ds = PatchDataset(val_samples, class_names, stain_names, eval_tf, mpp=mpp, cache=cache)
         val_loader = make_loader(val_ds, batch_size=batch, num_workers=workers, shuffle=False)
     return train_loader, val_loader, sampler, steps
+
+
+def build_eval_loader(
+    cfg: Config, samples: list, data_config: dict[str, Any], split: str
+) -> DataLoader:
+    """The patches of ``split`` without augmentation, in order (one pass per patch)."""
+    from .dataset import PatchDataset
+    from .transforms import build_eval_transform
+
+    mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+    tf = build_eval_transform(
+        cfg.data.image_size, mean, std, stain_normalize=cfg.augment.stain_normalize
+    )
+    chosen = [s for s in samples if s.split == split]
+    ds = PatchDataset(
+        chosen, list(cfg.model.class_names), list(cfg.model.stain_names), tf, mpp=cfg.data.mpp
+    )
+    return make_loader(
+        ds, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, shuffle=False
+    )

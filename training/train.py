@@ -159,7 +159,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if dist_info.is_main:
             _print_start(ctx, run, samples, run_dir, resumed=state is not None)
         _fit(ctx, run, run_dir)
-        _finish(ctx, run, run_dir, already_done)
+        _finish(ctx, run, run_dir, already_done, samples)
         return run_dir
     finally:
         teardown_distributed(dist_info)
@@ -371,15 +371,28 @@ def _save_resume_point(ctx: TrainContext, run: RunState, run_dir: Path) -> None:
 # --------------------------------------------------------------------------- 5: the end
 
 
-def _finish(ctx: TrainContext, run: RunState, run_dir: Path, already_done: bool) -> None:
-    """Check that DDP ranks agree, then calibrate on rank 0."""
+def _finish(
+    ctx: TrainContext, run: RunState, run_dir: Path, already_done: bool, samples: list
+) -> None:
+    """Check that DDP ranks agree, then fit the deposit readout and calibrate on rank 0."""
     cfg, main = ctx.cfg, ctx.dist_info.is_main
     if ctx.dist_info.enabled:
         check_ranks_in_sync(run_dir / DDP_CHECK_FILE, ctx.net, ctx.dist_info)
+    finished = already_done and (run_dir / CALIBRATION_FILE).exists()
+    if main and cfg.deposit_readout and not finished:
+        from .loaders import build_eval_loader
+        from .readout import describe as describe_readout
+        from .readout import fit_deposit_readout
+
+        loader = build_eval_loader(cfg, samples, ctx.net.data_config, "train")
+        info = fit_deposit_readout(
+            run_dir, loader, ctx.device, ctx.amp_dtype, cfg.train.channels_last
+        )
+        print(describe_readout(info), flush=True)
     if main and cfg.calibrate:
         if ctx.val_loader is None:
             print("calibration skipped: no validation split", flush=True)
-        elif already_done and (run_dir / CALIBRATION_FILE).exists():
+        elif finished:
             print(f"{run_dir} is complete and calibrated; nothing to do", flush=True)
         else:
             cal = calibrate(
