@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from calcinosis.model.errors import ConfigError
 from calcinosis.model.labels import CLASS_NAMES, STAIN_NAMES
 
 #: Microns per pixel of generated patches (a 20x scan).
 NOMINAL_MPP = 0.5
 #: Bumped whenever style A's rendering changes, so cached datasets can be told apart.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 
 def check_names(label: str, stain: str) -> tuple[int, int]:
@@ -39,3 +41,16 @@ def check_patch_args(
     if not (mpp > 0 and math.isfinite(mpp)):
         raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp}")
     return ci, si
+
+
+def fibroblast_spacing_um2(rng: np.random.Generator) -> float:
+    """Dermis area per fibroblast (µm²), both rendering styles.
+
+    Half the patches draw cellular dermis (one nucleus per 500-1200 µm²); the
+    other half paucicellular dermis, log-uniform from 1200 to 12000 µm² (reticular
+    and sclerotic dermis: a few nuclei in a 128 µm field). Acellular pale tissue
+    is then no sign of amyloid by itself: its globular, fissured shape has to be.
+    """
+    if rng.random() < 0.5:
+        return float(rng.uniform(500, 1200))
+    return float(np.exp(rng.uniform(np.log(1200), np.log(12000))))

@@ -11,6 +11,7 @@ import math
 import cv2
 import numpy as np
 
+from .contract import fibroblast_spacing_um2
 from .optics import HISTIO, KERATIN, NUC, RBC, STROMA
 from .scene import (
     Scene,
@@ -121,9 +122,10 @@ def _collagen(sc: Scene, lay: Layout, region: np.ndarray) -> None:
     fine = 0.55 + 0.25 * np.abs(sc.fine_noise(1.5)).clip(0, 2) / 2
     coll = coll * (1 - pap) + pap * fine * dense * 0.8
     sc.c[STROMA] += region * np.clip(coll, 0, 1.4)
-    # fibroblast nuclei, elongated along the bundles
+    # fibroblast nuclei, elongated along the bundles: cellular dermis in half the
+    # patches, paucicellular (reticular or sclerotic) dermis in the other half
     area_um2 = region.mean() * (sc.n / sc.ppu) ** 2
-    k = rng.poisson(area_um2 / rng.uniform(500, 1200))
+    k = rng.poisson(area_um2 / fibroblast_spacing_um2(rng))
     for x, y in sc.sample_in(region, k) if k else []:
         sc.ellipse(
             NUC,

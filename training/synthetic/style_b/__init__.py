@@ -59,7 +59,7 @@ from .tissue import base_tissue
 __all__ = ["STYLE_B_VERSION", "render_patch_b"]
 
 #: Bumped whenever style B's rendering changes, so cached datasets can be told apart.
-STYLE_B_VERSION = 1
+STYLE_B_VERSION = 2
 
 _SALT = 0x5B  # keeps style B's random streams apart from style A's
 

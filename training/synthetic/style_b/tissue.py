@@ -7,6 +7,7 @@ import math
 import cv2
 import numpy as np
 
+from ..contract import fibroblast_spacing_um2
 from .canvas import TWO_PI, Canvas, bbox, fixed_point
 from .layout import Layout
 from .shapes import blobs, nuclei, wavy_curves
@@ -109,7 +110,7 @@ def _fibroblasts(cv: Canvas, region: np.ndarray, curves: np.ndarray, nuc: np.nda
     rng = cv.rng
     n = cv.n
     area_um2 = region.sum() / cv.ppu**2
-    kf = int(rng.poisson(area_um2 / rng.uniform(700, 1600)))
+    kf = int(rng.poisson(area_um2 / fibroblast_spacing_um2(rng)))
     if kf:
         ci = rng.integers(0, len(curves), kf)
         pi = rng.integers(0, curves.shape[1] - 1, kf)
