@@ -75,3 +75,24 @@ def test_export_falls_back_to_the_dynamo_exporter(robust_checkpoint, tmp_path, m
     assert calls == [False, True]
     _assert_matches_torch(robust_checkpoint, onnx_path)
     assert export.read_onnx_metadata(onnx_path)["input_size"] == SIZE
+
+
+def test_export_of_a_deposit_readout_checkpoint(robust_checkpoint, tmp_path):
+    """A checkpoint whose class head reads the deposit map (deposit_readout) exports too:
+    its batch norm's statistics and the linear layer travel into the ONNX graph."""
+    import dataclasses
+
+    from calcinosis.model import create_model, save_checkpoint
+
+    model, meta = load_checkpoint(robust_checkpoint)
+    readout = create_model(dataclasses.replace(model.config, class_head="deposits"))
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("classification_head.")}
+    readout.load_state_dict(kept, strict=False)
+    norm = readout.classification_head.norm
+    with torch.no_grad():
+        norm.running_mean.uniform_(0.0, 0.5, generator=torch.Generator().manual_seed(5))
+        norm.running_var.uniform_(0.01, 0.1, generator=torch.Generator().manual_seed(6))
+    checkpoint = save_checkpoint(tmp_path / "readout.safetensors", readout.eval(), meta)
+    onnx_path = export.export_onnx(checkpoint, tmp_path / "readout.onnx")
+    _assert_matches_torch(checkpoint, onnx_path)
+    assert export.read_onnx_metadata(onnx_path)["model"]["class_head"] == "deposits"
