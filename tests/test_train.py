@@ -140,6 +140,22 @@ def test_deposit_readout_diagnoses_from_the_deposit_map(
                 torch.testing.assert_close(best.state_dict()[key], value)
 
 
+def test_deposit_readout_without_masks_is_refused_before_training(
+    train_manifest: Path, tmp_path: Path
+) -> None:
+    rows = list(csv.DictReader(open(train_manifest, newline="")))
+    manifest = tmp_path / "no_masks.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "stain", "split"])
+        for r in rows:
+            w.writerow([str(train_manifest.parent / r["path"]), r["label"], r["stain"], r["split"]])
+    cfg = make_train_cfg(manifest, tmp_path / "run", "deposit_readout=true")
+    with pytest.raises(ConfigError, match="none of the 20 training patches has a deposit mask"):
+        T.train(cfg)
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
 def test_class_head_is_not_a_training_key(train_manifest: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="deposit_readout: true"):
         make_train_cfg(train_manifest, tmp_path / "x", "model.class_head=deposits")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from calcinosis.model import create_model, save_checkpoint
+from calcinosis.model import ConfigError, create_model, save_checkpoint
 
 from .calibration import calibrate, describe
 from .config import Config, load_config, save_config
@@ -150,6 +150,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         run_dir = Path(cfg.output_dir)
         state = _open_run_folder(cfg, run_dir, resume, dist_info)
         samples = _load_samples(cfg, dist_info)
+        _check_readout_has_masks(cfg, samples)
         ctx = build_context(cfg, samples, dist_info, device)
         run = RunState()
         if state is not None:
@@ -190,6 +191,20 @@ def _open_run_folder(
         save_config(cfg, run_dir / CONFIG_FILE)
     barrier(dist_info)
     return state
+
+
+def _check_readout_has_masks(cfg: Config, samples: list) -> None:
+    """deposit_readout reads the diagnosis from the decoder, which learns from masks."""
+    if not cfg.deposit_readout:
+        return
+    train = [s for s in samples if s.split == "train"]
+    if train and not any(s.mask_path is not None for s in train):
+        raise ConfigError(
+            f"config key 'deposit_readout' is true, but none of the {len(train)} training "
+            "patches has a deposit mask (a mask_path column in the manifest, or masks/ beside "
+            "the class folders): the readout reads the diagnosis from the deposit map, which "
+            "learns from masks. Add masks, or set deposit_readout: false"
+        )
 
 
 def _load_samples(cfg: Config, dist_info: DistInfo) -> list:
