@@ -160,19 +160,17 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader | None, EpochSampler, int]:
     """Train and validation loaders; returns them with the sampler and steps per epoch."""
     from .dataset import DecodedCache, PatchDataset
-    from .transforms import build_eval_transform, build_train_transform
+    from .transforms import build_train_transform
 
     class_names = list(cfg.model.class_names)
     stain_names = list(cfg.model.stain_names)
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     size = cfg.data.image_size
     train_samples = [s for s in samples if s.split == "train"]
-    val_samples = [s for s in samples if s.split == "val"]
     if not train_samples:
         raise ConfigError("the data has no training samples (split column all val/test?)")
 
     train_tf = build_train_transform(cfg.augment, size, mean, std)
-    eval_tf = build_eval_transform(size, mean, std, stain_normalize=cfg.augment.stain_normalize)
     mpp = cfg.data.mpp
     cache = DecodedCache(cfg.data.cache_mb * 2**20) if cfg.data.cache_mb else None
     train_ds = PatchDataset(train_samples, class_names, stain_names, train_tf, mpp=mpp, cache=cache)
@@ -198,27 +196,35 @@ def build_loaders(
         sampler=sampler,
         drop_last=False,  # the sampler already yields whole batches
     )
-    val_loader = None
-    if val_samples:
-        val_ds = PatchDataset(val_samples, class_names, stain_names, eval_tf, mpp=mpp, cache=cache)
-        val_loader = make_loader(val_ds, batch_size=batch, num_workers=workers, shuffle=False)
+    val_loader = build_eval_loader(cfg, samples, data_config, "val", cache=cache)
     return train_loader, val_loader, sampler, steps
 
 
 def build_eval_loader(
-    cfg: Config, samples: list, data_config: dict[str, Any], split: str
-) -> DataLoader:
-    """The patches of ``split`` without augmentation, in order (one pass per patch)."""
+    cfg: Config, samples: list, data_config: dict[str, Any], split: str, cache: Any = None
+) -> DataLoader | None:
+    """The patches of ``split`` without augmentation, in order (one pass per patch).
+
+    None when the split has no patches. ``cache``: a ``DecodedCache`` to share
+    with another loader of the same run (the training loader's, for validation).
+    """
     from .dataset import PatchDataset
     from .transforms import build_eval_transform
 
+    chosen = [s for s in samples if s.split == split]
+    if not chosen:
+        return None
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
     tf = build_eval_transform(
         cfg.data.image_size, mean, std, stain_normalize=cfg.augment.stain_normalize
     )
-    chosen = [s for s in samples if s.split == split]
     ds = PatchDataset(
-        chosen, list(cfg.model.class_names), list(cfg.model.stain_names), tf, mpp=cfg.data.mpp
+        chosen,
+        list(cfg.model.class_names),
+        list(cfg.model.stain_names),
+        tf,
+        mpp=cfg.data.mpp,
+        cache=cache,
     )
     return make_loader(
         ds, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, shuffle=False

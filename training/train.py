@@ -400,6 +400,7 @@ def _finish(
         from .readout import fit_deposit_readout
 
         loader = build_eval_loader(cfg, samples, ctx.net.data_config, "train")
+        assert loader is not None  # build_loaders refused a run without training patches
         info = fit_deposit_readout(
             run_dir, loader, ctx.device, ctx.amp_dtype, cfg.train.channels_last
         )
